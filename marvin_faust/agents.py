@@ -1,0 +1,139 @@
+"""The Marvin agent: answer each human message on ``chat`` in the Marvin persona.
+
+Per message, in order:
+
+1. validate the raw bytes (bad -> dead-letter topic with the original bytes and the reason);
+2. drop the bot's own messages, except an opening greeting, stored as the first AI turn;
+3. skip a message id already in the history (a redelivery);
+4. trim the history to the token budget, build the prompt, ask the model in a worker thread;
+5. assign the new history (human turn + AI turn), then send the reply, same key.
+
+Every failure is caught per message and dead-lettered, so nothing is acked silently (Faust acks
+an event even when the agent body raised) and the agent keeps running.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .app import app, backend, settings
+from .conversation import (
+    append_turns,
+    build_prompt,
+    has_message,
+    history_window,
+    make_turn,
+)
+from .llm import ModelError
+from .models import (
+    IN_REPLY_TO_HEADER,
+    MESSAGE_ID_HEADER,
+    BadMessage,
+    ChatMessage,
+    header_value,
+    make_message,
+    new_message_id,
+    parse_chat_message,
+)
+from .tables import history
+from .topics import chat_topic, dead_letter_topic, reply_topic
+
+log = logging.getLogger(__name__)
+
+EMPTY_REPLY = "*sigh*"  # what Marvin says when the model produced nothing
+
+# Dead-letter headers: why, and where the record came from.
+REASON_HEADER = "dead-letter-reason"
+SOURCE_HEADER = "dead-letter-source"
+
+
+@app.agent(chat_topic)
+async def answer(stream: Any) -> None:
+    async for event in stream.events():
+        message = event.message
+        await handle(message.key, message.value, message.headers, source=_source(message))
+
+
+async def handle(key: bytes | None, value: bytes | None, headers: Any, *, source: str) -> None:
+    try:
+        chat = parse_chat_message(value, max_text_chars=settings.max_text_chars)
+        if key is None or key.decode("utf-8", errors="replace") != chat.conversation_id:
+            raise BadMessage("the record key must be the conversation_id")
+        if chat.role == settings.ai_role:
+            record_greeting(chat, header_value(headers, MESSAGE_ID_HEADER))
+            return
+        if chat.role != settings.human_role:
+            raise BadMessage(f"unknown role {chat.role!r}")
+        await reply_to(chat, header_value(headers, MESSAGE_ID_HEADER))
+    except BadMessage as exc:
+        await dead_letter(key, value, headers, f"bad message: {exc}", source)
+    except ModelError as exc:
+        await dead_letter(key, value, headers, f"model failed: {exc}", source)
+    except Exception as exc:  # anything else must not lose the message either
+        log.exception("Unexpected failure on %s", source)
+        reason = f"internal error: {type(exc).__name__}: {exc}"
+        await dead_letter(key, value, headers, reason, source)
+
+
+def record_greeting(chat: ChatMessage, message_id: str | None) -> None:
+    """Store the bot's opening line; every other AI message is the bot's own reply: dropped."""
+    if history[chat.conversation_id]:
+        return
+    history[chat.conversation_id] = [make_turn(chat.role, chat.text, chat.Timestamp, message_id)]
+
+
+async def reply_to(chat: ChatMessage, message_id: str | None) -> None:
+    cid = chat.conversation_id
+    past = history[cid]
+    if has_message(past, message_id):
+        log.info("Skipping message %s of %s: already answered", message_id, cid)
+        return
+    window = history_window(
+        past, settings.history_token_budget, backend.count_tokens, settings.ai_role
+    )
+    prompt = build_prompt(settings.persona, window, chat.text)
+    generation = await backend.generate(prompt, timeout=settings.model_timeout)
+    reply = make_message(cid, settings.ai_role, generation.text or EMPTY_REPLY)
+    reply_id = new_message_id()
+    history[cid] = append_turns(
+        past,
+        [
+            make_turn(chat.role, chat.text, chat.Timestamp, message_id),
+            make_turn(reply.role, reply.text, reply.Timestamp, reply_id),
+        ],
+        settings.max_stored_turns,
+    )
+    headers = [(MESSAGE_ID_HEADER, reply_id.encode())]
+    if message_id:
+        headers.append((IN_REPLY_TO_HEADER, message_id.encode()))
+    await reply_topic.send(key=cid.encode(), value=reply.to_bytes(), headers=headers)
+    log.info(
+        "Answered %s in %.2fs (%d tokens, %.1f tokens/s)",
+        cid,
+        generation.seconds,
+        generation.completion_tokens,
+        generation.tokens_per_second,
+    )
+
+
+async def dead_letter(
+    key: bytes | None, value: bytes | None, headers: Any, reason: str, source: str
+) -> None:
+    log.warning("Dead-lettering %s: %s", source, reason)
+    kept = [(k, v) for k, v in _header_pairs(headers) if k not in (REASON_HEADER, SOURCE_HEADER)]
+    await dead_letter_topic.send(
+        key=key,
+        value=value,
+        headers=[*kept, (REASON_HEADER, reason.encode()), (SOURCE_HEADER, source.encode())],
+    )
+
+
+def _source(message: Any) -> str:
+    return f"{message.topic}/{message.partition}@{message.offset}"
+
+
+def _header_pairs(headers: Any) -> list[tuple[str, bytes]]:
+    if not headers:
+        return []
+    return list(headers.items() if isinstance(headers, dict) else headers)

@@ -1,0 +1,84 @@
+"""The Faust app, its settings and its model backend: one of each per process.
+
+Run with ``faust -A marvin_faust worker -l info``, ``marvin-faust worker`` or
+``python -m marvin_faust worker``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+from typing import NoReturn
+
+import faust
+from mode import Service
+
+from .llm import ChatBackend, ModelLoadError, create_backend
+from .settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger(__name__)
+
+# Seconds of slack on top of the model timeout before Faust calls an event stuck.
+PROCESSING_SLACK = 60.0
+
+
+def _settings_or_exit() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        print(f"marvin-faust: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def create_app(settings: Settings) -> faust.App:
+    stuck_after = settings.model_timeout + PROCESSING_SLACK
+    return faust.App(
+        settings.app_id,
+        broker=settings.broker,
+        store=settings.store,
+        datadir=str(settings.data_dir),
+        autodiscover=True,
+        origin="marvin_faust",
+        topic_partitions=settings.partitions,
+        web_bind=settings.web_bind,
+        web_port=settings.web_port,
+        # The URL other workers use to reach this one (table_route); the bind address unless
+        # it is a wildcard.
+        web_host=socket.gethostname() if settings.web_bind in ("0.0.0.0", "::") else (
+            settings.web_bind
+        ),
+        # /table/... would serve every conversation with no authentication.
+        web_tables_enabled=False,
+        # One event takes seconds: fetch few records at a time and only call an event stuck
+        # well after the model would have timed out.
+        broker_max_poll_records=settings.max_poll_records,
+        stream_processing_timeout=stuck_after,
+        broker_commit_livelock_soft_timeout=stuck_after,
+    )
+
+
+settings = _settings_or_exit()
+app = create_app(settings)
+backend: ChatBackend = create_backend(settings)
+
+
+@app.service
+class ModelLoader(Service):
+    """Loads the model when the worker starts, in a thread; a failure stops the start."""
+
+    async def on_start(self) -> None:
+        log.info("Loading the %s model backend", backend.name)
+        try:
+            await asyncio.to_thread(backend.load)
+        except ModelLoadError as exc:
+            log.error("marvin-faust: cannot start: %s", exc)
+            print(f"marvin-faust: cannot start: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(3) from None
+        log.info("Model backend %s loaded", backend.name)
+
+
+def main() -> NoReturn:
+    """The ``marvin-faust`` command: Faust's CLI bound to this app."""
+    app.main()

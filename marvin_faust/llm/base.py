@@ -1,0 +1,98 @@
+"""The backend interface the agent talks to.
+
+llama.cpp calls take seconds and one ``llama_cpp.Llama`` is not thread-safe, so every
+generation runs in a worker thread behind one lock per backend (one model per process). The
+event loop only awaits: web views, timers, commits and rebalances keep working meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from langchain_core.messages import BaseMessage
+
+
+class ModelError(Exception):
+    """The model could not produce a reply for this message."""
+
+
+class ModelTimeout(ModelError):
+    """The reply took longer than the configured timeout."""
+
+
+class ModelLoadError(Exception):
+    """The model cannot be loaded; the worker must not start."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    completion_tokens: int
+    seconds: float
+    first_token_seconds: float | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class ChatBackend(ABC):
+    """A chat model: ``load()`` once, then ``await generate(messages, timeout)`` per reply."""
+
+    name: str = "backend"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loaded = False
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    def load(self) -> None:
+        """Load the model (blocking; call it from a thread). Raises :class:`ModelLoadError`."""
+        self._load()
+        self._loaded = True
+
+    def _load(self) -> None:  # noqa: B027 - optional hook, most stand-ins have nothing to load
+        pass
+
+    @abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Tokens in ``text`` by the model's own tokenizer."""
+
+    @abstractmethod
+    def _generate(self, messages: Sequence[BaseMessage], cancel: threading.Event) -> Generation:
+        """Produce a reply, blocking. Stop early once ``cancel`` is set."""
+
+    async def generate(self, messages: Sequence[BaseMessage], timeout: float) -> Generation:
+        """Run one generation in a worker thread; :class:`ModelTimeout` after ``timeout`` s."""
+        if not self._loaded:
+            raise ModelError(f"{self.name} model is not loaded")
+        cancel = threading.Event()
+        started = time.monotonic()
+
+        def run() -> Generation:
+            with self._lock:
+                if cancel.is_set():  # gave up while waiting for the lock
+                    raise ModelTimeout("cancelled before it started")
+                return self._generate(messages, cancel)
+
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(run), timeout)
+        except TimeoutError:
+            raise ModelTimeout(
+                f"no reply after {time.monotonic() - started:.1f}s (timeout {timeout:g}s)"
+            ) from None
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            # The thread outlives a timed-out await: tell it to stop and free the lock.
+            cancel.set()

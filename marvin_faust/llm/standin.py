@@ -1,0 +1,59 @@
+"""A deterministic stand-in model, shipped in the package like httpx ships ``MockTransport``.
+
+It replies by echoing the prompt it was given, so tests can see exactly what reached the model
+(persona left out), and it can be told to misbehave by markers in the human text:
+
+- ``[fail]``: the call raises, as a crashed model would;
+- ``[hang]``: the call blocks until the timeout gives up on it.
+
+Tokens are whitespace-separated words.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+from langchain_core.messages import BaseMessage, SystemMessage
+
+from .base import ChatBackend, Generation
+
+FAIL_MARKER = "[fail]"
+HANG_MARKER = "[hang]"
+
+
+def render_echo(messages: Sequence[BaseMessage]) -> str:
+    """The stand-in's reply: one line per non-system prompt message, ``type: text``."""
+    lines = [f"{m.type}: {m.content}" for m in messages if not isinstance(m, SystemMessage)]
+    return "\n".join(lines)
+
+
+class StandInBackend(ChatBackend):
+    name = "standin"
+
+    def __init__(self, latency: float = 0.0) -> None:
+        super().__init__()
+        self.latency = latency
+        self.calls = 0
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def _generate(self, messages: Sequence[BaseMessage], cancel: threading.Event) -> Generation:
+        started = time.perf_counter()
+        self.calls += 1
+        last = str(messages[-1].content) if messages else ""
+        if HANG_MARKER in last:
+            cancel.wait()
+        if FAIL_MARKER in last:
+            raise RuntimeError("stand-in model failure requested by [fail]")
+        if self.latency:
+            cancel.wait(self.latency)
+        text = render_echo(messages)
+        return Generation(
+            text=text,
+            completion_tokens=self.count_tokens(text),
+            seconds=time.perf_counter() - started,
+            first_token_seconds=time.perf_counter() - started,
+        )

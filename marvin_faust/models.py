@@ -1,0 +1,115 @@
+"""The record on the ``chat`` topic, wire-compatible with the existing producers.
+
+Value (JSON)::
+
+    {"uuid": "<conversation id>", "role": "human", "text": "Hello",
+     "conversation_id": "<conversation id>", "Timestamp": 1700000000000000000}
+
+Key: the conversation id. Optional header ``uuid``: a per-message id. ``Timestamp`` is nanoseconds
+since the epoch and keeps its capital T. Extra fields are tolerated and dropped.
+
+The agent reads the topic as raw bytes and validates here, inside a try: a Faust value type on
+the topic would crash the agent on the first value that fails to deserialize.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import faust
+
+MESSAGE_ID_HEADER = "uuid"
+IN_REPLY_TO_HEADER = "in-reply-to"
+
+
+class ChatMessage(faust.Record, serializer="json", include_metadata=False):
+    uuid: str
+    role: str
+    text: str
+    conversation_id: str
+    Timestamp: int
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.asdict(), ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class BadMessage(ValueError):
+    """A record that cannot be answered; ``str(exc)`` is the reason sent with it."""
+
+
+_REQUIRED: dict[str, type] = {
+    "uuid": str,
+    "role": str,
+    "text": str,
+    "conversation_id": str,
+    "Timestamp": int,
+}
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def new_message_id() -> str:
+    return str(uuid.uuid4())
+
+
+def make_message(conversation_id: str, role: str, text: str) -> ChatMessage:
+    return ChatMessage(
+        uuid=conversation_id,
+        role=role,
+        text=text,
+        conversation_id=conversation_id,
+        Timestamp=now_ns(),
+    )
+
+
+def parse_chat_message(value: bytes | None, *, max_text_chars: int) -> ChatMessage:
+    """Validate one raw ``chat`` value, raising :class:`BadMessage` with the reason."""
+    if value is None:
+        raise BadMessage("null value (tombstone)")
+    try:
+        document = json.loads(value.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BadMessage(f"value is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    except json.JSONDecodeError as exc:
+        raise BadMessage(f"value is not JSON: {exc.msg} at char {exc.pos}") from None
+    if not isinstance(document, dict):
+        raise BadMessage(f"value is a JSON {type(document).__name__}, expected an object")
+    for field, expected in _REQUIRED.items():
+        if field not in document:
+            raise BadMessage(f"missing field {field!r}")
+        found = document[field]
+        # bool is an int in Python, never a valid Timestamp
+        if not isinstance(found, expected) or isinstance(found, bool):
+            raise BadMessage(
+                f"field {field!r} must be {expected.__name__}, got {type(found).__name__}"
+            )
+    text = document["text"]
+    if not text.strip():
+        raise BadMessage("empty text")
+    if len(text) > max_text_chars:
+        raise BadMessage(f"text has {len(text)} characters, the limit is {max_text_chars}")
+    if not document["conversation_id"]:
+        raise BadMessage("empty conversation_id")
+    return ChatMessage(**{field: document[field] for field in _REQUIRED})
+
+
+def header_value(headers: Mapping[str, bytes] | Sequence[tuple[str, bytes]] | None, name: str) -> (
+    str | None
+):
+    """The first header ``name`` decoded as UTF-8, or None when absent or undecodable."""
+    if not headers:
+        return None
+    pairs: Any = headers.items() if isinstance(headers, Mapping) else headers
+    for key, raw in pairs:
+        if key == name and raw is not None:
+            try:
+                return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+            except UnicodeDecodeError:
+                return None
+    return None

@@ -1,0 +1,126 @@
+"""Every knob of the worker, read once from the environment (and a ``.env`` file).
+
+All variables start with ``MARVIN_``; ``Settings.model_fields`` is the reference and the README
+lists each one with its default. A bad value stops the start with :class:`SettingsError`, whose
+message names the variable and says what is wrong with it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "MARVIN_"
+
+PERSONA = (
+    "You are a very bored robot with the personality of Marvin the Paranoid Android "
+    "from The Hitchhiker's Guide to the Galaxy."
+)
+GREETING = "Hello, my name is Marvin. What do you want?"
+
+
+class SettingsError(Exception):
+    """A setting is missing or has a bad value; the message says which and why."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+    )
+
+    # -- Kafka ---------------------------------------------------------------------------------
+    app_id: str = Field("marvin-faust", min_length=1, description="Faust app id (consumer group).")
+    broker: str = Field(
+        "kafka://127.0.0.1:9092", description="Broker URL(s), ';'-separated, kafka:// scheme."
+    )
+    topic: str = Field("chat", min_length=1, description="Topic the chat front ends write to.")
+    reply_topic: str | None = Field(None, description="Reply topic; empty = the chat topic.")
+    dead_letter_topic: str = Field("chat-dead-letters", min_length=1)
+    partitions: int = Field(4, ge=1, description="Partitions of the chat topic and the table.")
+    ai_role: str = Field("AI", min_length=1, description="Role of the bot's own messages.")
+    human_role: str = Field("human", min_length=1, description="Role that gets answered.")
+    max_poll_records: int = Field(10, ge=1, description="Records fetched per poll.")
+    max_text_chars: int = Field(4000, ge=1, description="Longer human texts are dead-lettered.")
+    max_stored_turns: int = Field(200, ge=2, description="History turns kept per conversation.")
+
+    # -- State and web -------------------------------------------------------------------------
+    data_dir: Path = Field(Path(".state"), description="Faust data dir, models and RocksDB.")
+    store: str = Field("rocksdb://", description="Table store: rocksdb:// or memory://.")
+    web_bind: str = Field("127.0.0.1", description="Address the web server binds to.")
+    web_port: int = Field(6066, ge=1, le=65535)
+    api_token: str | None = Field(None, description="Bearer token for the conversation views.")
+
+    # -- Model ---------------------------------------------------------------------------------
+    backend: Literal["llamacpp", "standin"] = Field("llamacpp", description="LLM backend.")
+    model_source: Literal["offline", "path", "huggingface"] = Field(
+        "offline", description="Where the GGUF comes from."
+    )
+    model_path: Path | None = Field(None, description="Local GGUF file (model_source=path).")
+    model_repo: str = Field("TheBloke/Llama-2-7b-Chat-GGUF", min_length=1)
+    model_file: str = Field("llama-2-7b-chat.Q4_K_M.gguf", min_length=1)
+    prompt_format: Literal["auto", "template", "llama-2", "plain"] = Field(
+        "auto", description="auto: the GGUF's template, else llama-2 for Llama-2 chat, else plain."
+    )
+    n_ctx: int = Field(2048, ge=128)
+    n_gpu_layers: int = Field(-1, ge=-1, description="-1 = all on the GPU.")
+    n_threads: int | None = Field(None, ge=1, description="llama.cpp threads; empty = its default.")
+    max_tokens: int = Field(250, ge=1)
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(150, ge=0)
+    repeat_penalty: float = Field(1.2, gt=0.0)
+    seed: int = Field(-1, description="Sampling seed; -1 = random.")
+    history_token_budget: int = Field(300, ge=0, description="History tokens put in the prompt.")
+    model_timeout: float = Field(300.0, gt=0, description="Seconds before a reply is given up.")
+    persona: str = Field(PERSONA, min_length=1)
+    greeting: str = Field(GREETING, min_length=1)
+
+    # -- Stand-in backend (tests, demos, benchmarks) ---------------------------------------------
+    standin_latency: float = Field(0.0, ge=0.0, description="Seconds the stand-in takes to reply.")
+
+    @model_validator(mode="after")
+    def _check_model_source(self) -> Settings:
+        if self.model_source == "path" and self.model_path is None:
+            raise ValueError("MARVIN_MODEL_PATH must be set when MARVIN_MODEL_SOURCE=path")
+        if not self.broker.startswith("kafka://"):
+            raise ValueError(f"MARVIN_BROKER must start with kafka:// (got {self.broker!r})")
+        return self
+
+    @property
+    def replies_to(self) -> str:
+        return self.reply_topic or self.topic
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """The broker list in the form aiokafka takes."""
+        return ",".join(url.removeprefix("kafka://") for url in self.broker.split(";"))
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning pydantic's report into one line per bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise SettingsError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        if error["loc"]:
+            name = ENV_PREFIX + str(error["loc"][0]).upper()
+            got = f" (got {error['input']!r})" if "input" in error else ""
+            problems.append(f"{name}: {error['msg']}{got}")
+        else:  # a cross-field check: its message already names the variables
+            problems.append(error["msg"].removeprefix("Value error, "))
+    return "invalid settings: " + "; ".join(problems)
