@@ -15,6 +15,8 @@ an event even when the agent body raised) and the agent keeps running.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from enum import StrEnum
 from typing import Any
 
 from .app import app, backend, settings
@@ -48,47 +50,57 @@ REASON_HEADER = "dead-letter-reason"
 SOURCE_HEADER = "dead-letter-source"
 
 
+class Outcome(StrEnum):
+    ANSWERED = "answered"
+    DEAD_LETTERED = "dead-lettered"
+    DROPPED = "dropped"  # the bot's own message
+    GREETING = "greeting"
+    DUPLICATE = "duplicate"
+
+
 @app.agent(chat_topic)
-async def answer(stream: Any) -> None:
+async def answer(stream: Any) -> AsyncIterator[Outcome]:
+    # Yielding the outcome lets agent.test_context() wait until a message is fully handled.
     async for event in stream.events():
         message = event.message
-        await handle(message.key, message.value, message.headers, source=_source(message))
+        yield await handle(message.key, message.value, message.headers, source=_source(message))
 
 
-async def handle(key: bytes | None, value: bytes | None, headers: Any, *, source: str) -> None:
+async def handle(key: bytes | None, value: bytes | None, headers: Any, *, source: str) -> Outcome:
     try:
         chat = parse_chat_message(value, max_text_chars=settings.max_text_chars)
         if key is None or key.decode("utf-8", errors="replace") != chat.conversation_id:
             raise BadMessage("the record key must be the conversation_id")
         if chat.role == settings.ai_role:
-            record_greeting(chat, header_value(headers, MESSAGE_ID_HEADER))
-            return
+            return record_greeting(chat, header_value(headers, MESSAGE_ID_HEADER))
         if chat.role != settings.human_role:
             raise BadMessage(f"unknown role {chat.role!r}")
-        await reply_to(chat, header_value(headers, MESSAGE_ID_HEADER))
+        return await reply_to(chat, header_value(headers, MESSAGE_ID_HEADER))
     except BadMessage as exc:
-        await dead_letter(key, value, headers, f"bad message: {exc}", source)
+        reason = f"bad message: {exc}"
     except ModelError as exc:
-        await dead_letter(key, value, headers, f"model failed: {exc}", source)
+        reason = f"model failed: {exc}"
     except Exception as exc:  # anything else must not lose the message either
         log.exception("Unexpected failure on %s", source)
         reason = f"internal error: {type(exc).__name__}: {exc}"
-        await dead_letter(key, value, headers, reason, source)
+    await dead_letter(key, value, headers, reason, source)
+    return Outcome.DEAD_LETTERED
 
 
-def record_greeting(chat: ChatMessage, message_id: str | None) -> None:
+def record_greeting(chat: ChatMessage, message_id: str | None) -> Outcome:
     """Store the bot's opening line; every other AI message is the bot's own reply: dropped."""
     if history[chat.conversation_id]:
-        return
+        return Outcome.DROPPED
     history[chat.conversation_id] = [make_turn(chat.role, chat.text, chat.Timestamp, message_id)]
+    return Outcome.GREETING
 
 
-async def reply_to(chat: ChatMessage, message_id: str | None) -> None:
+async def reply_to(chat: ChatMessage, message_id: str | None) -> Outcome:
     cid = chat.conversation_id
     past = history[cid]
     if has_message(past, message_id):
         log.info("Skipping message %s of %s: already answered", message_id, cid)
-        return
+        return Outcome.DUPLICATE
     window = history_window(
         past, settings.history_token_budget, backend.count_tokens, settings.ai_role
     )
@@ -115,6 +127,7 @@ async def reply_to(chat: ChatMessage, message_id: str | None) -> None:
         generation.completion_tokens,
         generation.tokens_per_second,
     )
+    return Outcome.ANSWERED
 
 
 async def dead_letter(

@@ -46,9 +46,9 @@ def create_app(settings: Settings) -> faust.App:
         web_port=settings.web_port,
         # The URL other workers use to reach this one (table_route); the bind address unless
         # it is a wildcard.
-        web_host=socket.gethostname() if settings.web_bind in ("0.0.0.0", "::") else (
-            settings.web_bind
-        ),
+        web_host=socket.gethostname()
+        if settings.web_bind in ("0.0.0.0", "::")
+        else (settings.web_bind),
         # /table/... would serve every conversation with no authentication.
         web_tables_enabled=False,
         # One event takes seconds: fetch few records at a time and only call an event stuck

@@ -99,9 +99,9 @@ def parse_chat_message(value: bytes | None, *, max_text_chars: int) -> ChatMessa
     return ChatMessage(**{field: document[field] for field in _REQUIRED})
 
 
-def header_value(headers: Mapping[str, bytes] | Sequence[tuple[str, bytes]] | None, name: str) -> (
-    str | None
-):
+def header_value(
+    headers: Mapping[str, bytes] | Sequence[tuple[str, bytes]] | None, name: str
+) -> str | None:
     """The first header ``name`` decoded as UTF-8, or None when absent or undecodable."""
     if not headers:
         return None

@@ -21,7 +21,7 @@ def _raw_topic(name: str) -> object:
 
 
 chat_topic = _raw_topic(settings.topic)
-reply_topic = chat_topic if settings.replies_to == settings.topic else _raw_topic(
-    settings.replies_to
+reply_topic = (
+    chat_topic if settings.replies_to == settings.topic else _raw_topic(settings.replies_to)
 )
 dead_letter_topic = _raw_topic(settings.dead_letter_topic)

@@ -1,0 +1,167 @@
+"""The agent under ``test_context()``: stand-in model, memory store, sends captured."""
+
+from __future__ import annotations
+
+import json
+from unittest.mock import AsyncMock
+
+import pytest
+
+from marvin_faust import agents
+from marvin_faust.app import app, backend, settings
+from marvin_faust.llm.standin import FAIL_MARKER, HANG_MARKER
+from marvin_faust.tables import history
+
+
+def wire(cid: str, text: str, role: str = "human", **extra) -> bytes:
+    return json.dumps(
+        {
+            "uuid": cid,
+            "role": role,
+            "text": text,
+            "conversation_id": cid,
+            "Timestamp": 1_700_000_000_000_000_000,
+            **extra,
+        }
+    ).encode()
+
+
+@pytest.fixture()
+async def agent(monkeypatch):
+    app.finalize()
+    app.flow_control.resume()
+    if not backend.loaded:
+        backend.load()
+    monkeypatch.setattr(agents.reply_topic, "send", AsyncMock())
+    monkeypatch.setattr(agents.dead_letter_topic, "send", AsyncMock())
+    async with agents.answer.test_context() as test_agent:
+        yield test_agent
+    history.data.clear()
+
+
+def replies() -> list[dict]:
+    return [dict(call.kwargs) for call in agents.reply_topic.send.call_args_list]
+
+
+def dead_letters() -> list[dict]:
+    return [dict(call.kwargs) for call in agents.dead_letter_topic.send.call_args_list]
+
+
+def reasons() -> list[str]:
+    return [dict(d["headers"])[agents.REASON_HEADER].decode() for d in dead_letters()]
+
+
+async def test_a_human_message_is_answered_and_stored(agent):
+    await agent.put(wire("c1", "Hello"), key=b"c1", headers={"uuid": b"m1"})
+    [reply] = replies()
+    assert reply["key"] == b"c1"
+    value = json.loads(reply["value"])
+    assert value["role"] == "AI" and value["conversation_id"] == value["uuid"] == "c1"
+    assert value["text"] == "human: Hello"  # the stand-in echoes its prompt
+    headers = dict(reply["headers"])
+    assert headers["in-reply-to"] == b"m1"
+    stored = history["c1"]
+    assert [(t["role"], t["text"], t["message_id"]) for t in stored] == [
+        ("human", "Hello", "m1"),
+        ("AI", "human: Hello", headers["uuid"].decode()),
+    ]
+    assert dead_letters() == []
+
+
+async def test_the_second_message_sees_the_first_turn_in_its_prompt(agent):
+    await agent.put(wire("c2", "first"), key=b"c2")
+    await agent.put(wire("c2", "second"), key=b"c2")
+    second = json.loads(replies()[1]["value"])["text"]
+    assert second == "human: first\nai: human: first\nhuman: second"
+    assert len(history["c2"]) == 4
+
+
+async def test_history_is_assigned_not_mutated(agent):
+    await agent.put(wire("c3", "one"), key=b"c3")
+    before = history["c3"]
+    await agent.put(wire("c3", "two"), key=b"c3")
+    assert len(before) == 2  # the old value object was left alone
+    assert len(history["c3"]) == 4
+
+
+async def test_the_bots_own_messages_are_dropped(agent):
+    await agent.put(wire("c4", "hi"), key=b"c4")
+    await agent.put(wire("c4", "I am a reply", role="AI"), key=b"c4")
+    assert len(replies()) == 1
+    assert [t["text"] for t in history["c4"]] == ["hi", "human: hi"]
+    assert dead_letters() == []
+
+
+async def test_the_greeting_is_stored_as_the_first_ai_turn(agent):
+    await agent.put(wire("c5", settings.greeting, role="AI"), key=b"c5", headers={"uuid": b"g"})
+    assert replies() == []
+    assert history["c5"] == [
+        {
+            "role": "AI",
+            "text": settings.greeting,
+            "timestamp": 1_700_000_000_000_000_000,
+            "message_id": "g",
+        }
+    ]
+    await agent.put(wire("c5", "What?"), key=b"c5")
+    assert [t["role"] for t in history["c5"]] == ["AI", "human", "AI"]
+
+
+async def test_a_redelivered_message_is_answered_once(agent):
+    outcomes = []
+    for _ in range(2):
+        event = await agent.put(wire("c6", "once"), key=b"c6", headers={"uuid": b"same"})
+        outcomes.append(agent.results[event.message.offset])
+    assert outcomes == [agents.Outcome.ANSWERED, agents.Outcome.DUPLICATE]
+    assert len(replies()) == 1
+    assert len(history["c6"]) == 2
+
+
+async def test_stored_history_is_bounded(agent, monkeypatch):
+    monkeypatch.setattr(agents, "settings", settings.model_copy(update={"max_stored_turns": 4}))
+    for i in range(5):
+        await agent.put(wire("c7", f"m{i}"), key=b"c7")
+    stored = history["c7"]
+    assert len(stored) == 4
+    assert stored[-2]["text"] == "m4"
+
+
+@pytest.mark.parametrize(
+    ("value", "key", "reason"),
+    [
+        (b"{not json", b"c8", "bad message: value is not JSON"),
+        (b"\xff\xfe", b"c8", "bad message: value is not UTF-8"),
+        (None, b"c8", "bad message: null value"),
+        (wire("c8", "hi", Timestamp="yesterday"), b"c8", "field 'Timestamp' must be int"),
+        (json.dumps({"role": "human"}).encode(), b"c8", "missing field 'uuid'"),
+        (wire("c8", ""), b"c8", "empty text"),
+        (wire("c8", "x" * 5000), b"c8", "text has 5000 characters"),
+        (wire("c8", "hi"), b"other", "the record key must be the conversation_id"),
+        (wire("c8", "hi"), None, "the record key must be the conversation_id"),
+        (wire("c8", "hi", role="system"), b"c8", "unknown role 'system'"),
+        (wire("c8", f"please {FAIL_MARKER}"), b"c8", "model failed: RuntimeError"),
+    ],
+)
+async def test_bad_input_is_dead_lettered_with_original_bytes_and_reason(agent, value, key, reason):
+    event = await agent.put(value, key=key, headers={"uuid": b"bad-1"})
+    assert agent.results[event.message.offset] == agents.Outcome.DEAD_LETTERED
+    [letter] = dead_letters()
+    assert letter["value"] == value and letter["key"] == key
+    headers = dict(letter["headers"])
+    assert reason in headers[agents.REASON_HEADER].decode()
+    assert headers["uuid"] == b"bad-1"
+    assert headers[agents.SOURCE_HEADER].startswith(b"chat/")
+    assert replies() == []
+    assert history["c8"] == []
+    # and the agent keeps going
+    await agent.put(wire("c8", "still there?"), key=b"c8")
+    assert len(replies()) == 1
+
+
+async def test_a_model_timeout_is_dead_lettered(agent, monkeypatch):
+    monkeypatch.setattr(agents, "settings", settings.model_copy(update={"model_timeout": 0.2}))
+    await agent.put(wire("c9", f"wait {HANG_MARKER}"), key=b"c9")
+    assert reasons() == [reasons()[0]]
+    assert reasons()[0].startswith("model failed: no reply after")
+    await agent.put(wire("c9", "and now?"), key=b"c9")
+    assert len(replies()) == 1

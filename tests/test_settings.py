@@ -1,0 +1,44 @@
+import pytest
+
+from marvin_faust.settings import GREETING, SettingsError, load_settings
+
+
+def test_defaults_match_the_design():
+    settings = load_settings(_env_file=None)
+    assert settings.topic == "chat"
+    assert settings.n_ctx == 2048 and settings.n_gpu_layers == -1 and settings.max_tokens == 250
+    assert (settings.top_p, settings.top_k, settings.temperature) == (0.95, 150, 0.7)
+    assert settings.repeat_penalty == 1.2 and settings.history_token_budget == 300
+    assert settings.web_bind == "127.0.0.1"
+    assert settings.greeting == GREETING
+
+
+def test_environment_variables_override(monkeypatch):
+    monkeypatch.setenv("MARVIN_N_GPU_LAYERS", "20")
+    monkeypatch.setenv("MARVIN_REPLY_TOPIC", "chat-replies")
+    settings = load_settings(_env_file=None)
+    assert settings.n_gpu_layers == 20
+    assert settings.replies_to == "chat-replies"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("MARVIN_N_CTX", "lots", "MARVIN_N_CTX: Input should be a valid integer"),
+        ("MARVIN_TOP_P", "1.5", "MARVIN_TOP_P: Input should be less than or equal to 1"),
+        ("MARVIN_BACKEND", "gpt", "MARVIN_BACKEND: Input should be 'llamacpp' or 'standin'"),
+        ("MARVIN_MODEL_SOURCE", "path", "MARVIN_MODEL_PATH must be set"),
+        ("MARVIN_BROKER", "127.0.0.1:9092", "MARVIN_BROKER must start with kafka://"),
+    ],
+)
+def test_bad_settings_name_the_variable_and_the_reason(monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError, match=message) as caught:
+        load_settings(_env_file=None)
+    assert "\n" not in str(caught.value)
+
+
+def test_dotenv_file_is_read(tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text("MARVIN_TOPIC=from-dotenv\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_settings().topic == "from-dotenv"
