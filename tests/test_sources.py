@@ -10,7 +10,7 @@ from marvin_faust.settings import load_settings
 
 
 def test_a_missing_local_file_is_a_load_error(tmp_path):
-    with pytest.raises(ModelLoadError, match="model file not found: .*nope.gguf"):
+    with pytest.raises(ModelLoadError, match=r"model file not found: .*nope\.gguf"):
         resolve_model_file(
             "path", models_dir=tmp_path, path=tmp_path / "nope.gguf", repo="r", filename="f"
         )
@@ -22,7 +22,7 @@ def test_an_unreadable_model_is_a_load_error(tmp_path):
     backend = create_backend(
         load_settings(_env_file=None, backend="llamacpp", model_source="path", model_path=junk)
     )
-    with pytest.raises(ModelLoadError, match="could not load model .*junk.gguf"):
+    with pytest.raises(ModelLoadError, match=r"could not load model .*junk\.gguf"):
         backend.load()
 
 
