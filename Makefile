@@ -1,0 +1,46 @@
+# Two entry points do all the set-up on a fresh machine: `make run` and `make test`.
+# Both are idempotent: the venv, the Kafka jars and the compiled llama-cpp-python wheel
+# (pip's cache) are reused on the next run.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+KAFKA_PORT ?= 9092
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint broker-start broker-stop broker-status clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# llama-cpp-python compiles from source the first time (about 8-15 minutes on 2 cores)
+	$(BIN)/pip install --progress-bar off -e '.[offline,test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+broker-start: install
+	$(BIN)/marvin-faust broker start --port $(KAFKA_PORT)
+
+broker-stop:
+	$(BIN)/marvin-faust broker stop
+
+broker-status:
+	$(BIN)/marvin-faust broker status
+
+# The main job: a local Kafka broker and the worker on the offline default model.
+run: broker-start
+	MARVIN_BROKER=kafka://127.0.0.1:$(KAFKA_PORT) $(BIN)/faust -A marvin_faust worker -l info
+
+# The whole suite, including the tests against a real broker (started by the tests themselves).
+test: install
+	$(BIN)/ruff check marvin_faust tests
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check marvin_faust tests
+	$(BIN)/ruff format --check marvin_faust tests
+
+clean: broker-stop
+	rm -rf .state .kafka/data .kafka/logs
