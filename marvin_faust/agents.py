@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from enum import StrEnum
 from typing import Any
 
+from . import metrics
 from .app import app, backend, settings
 from .conversation import (
     append_turns,
@@ -63,7 +64,9 @@ async def answer(stream: Any) -> AsyncIterator[Outcome]:
     # Yielding the outcome lets agent.test_context() wait until a message is fully handled.
     async for event in stream.events():
         message = event.message
-        yield await handle(message.key, message.value, message.headers, source=_source(message))
+        outcome = await handle(message.key, message.value, message.headers, source=_source(message))
+        metrics.MESSAGES.labels(outcome=outcome.value).inc()
+        yield outcome
 
 
 async def handle(key: bytes | None, value: bytes | None, headers: Any, *, source: str) -> Outcome:
@@ -77,13 +80,14 @@ async def handle(key: bytes | None, value: bytes | None, headers: Any, *, source
             raise BadMessage(f"unknown role {chat.role!r}")
         return await reply_to(chat, header_value(headers, MESSAGE_ID_HEADER))
     except BadMessage as exc:
-        reason = f"bad message: {exc}"
+        cause, reason = "bad-message", f"bad message: {exc}"
     except ModelError as exc:
-        reason = f"model failed: {exc}"
+        cause, reason = "model", f"model failed: {exc}"
     except Exception as exc:  # anything else must not lose the message either
         log.exception("Unexpected failure on %s", source)
-        reason = f"internal error: {type(exc).__name__}: {exc}"
+        cause, reason = "internal", f"internal error: {type(exc).__name__}: {exc}"
     await dead_letter(key, value, headers, reason, source)
+    metrics.DEAD_LETTERS.labels(cause=cause).inc()
     return Outcome.DEAD_LETTERED
 
 
@@ -106,6 +110,7 @@ async def reply_to(chat: ChatMessage, message_id: str | None) -> Outcome:
     )
     prompt = build_prompt(settings.persona, window, chat.text)
     generation = await backend.generate(prompt, timeout=settings.model_timeout)
+    metrics.observe_generation(generation)
     reply = make_message(cid, settings.ai_role, generation.text or EMPTY_REPLY)
     reply_id = new_message_id()
     history[cid] = append_turns(

@@ -13,9 +13,11 @@ import sys
 from typing import NoReturn
 
 import faust
+from faust.sensors.prometheus import setup_prometheus_sensors
 from mode import Service
 
 from .llm import ChatBackend, ModelLoadError, create_backend
+from .metrics import REGISTRY
 from .settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,8 @@ def create_app(settings: Settings) -> faust.App:
 
 settings = _settings_or_exit()
 app = create_app(settings)
+# Faust's own sensor metrics and ours, in one registry served at /metrics.
+setup_prometheus_sensors(app, pattern="/metrics", registry=REGISTRY, name_prefix="faust")
 backend: ChatBackend = create_backend(settings)
 
 

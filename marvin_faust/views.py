@@ -1,0 +1,92 @@
+"""HTTP views on the Faust web server (bound to 127.0.0.1 unless configured).
+
+- ``GET /conversations/{id}/[?limit=N]``: the stored history, JSON; routed by ``table_route`` to
+  the worker that owns the key's partition. Requires ``Authorization: Bearer <token>`` when
+  ``MARVIN_API_TOKEN`` is set.
+- ``GET /health/``: liveness. ``GET /ready/``: readiness (tables recovered, model loaded).
+- ``GET /metrics``: Prometheus text (set up in ``app.py``).
+
+Faust's built-in ``/table/...`` routes are switched off in ``app.py``.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from functools import wraps
+from typing import Any
+
+from faust.web import Request, Response, View
+
+from . import metrics
+from .app import app, backend, settings
+from .tables import history
+
+Handler = Callable[..., Awaitable[Response]]
+
+
+def require_token(handler: Handler) -> Handler:
+    """401 unless the request carries the configured bearer token (compared in constant time)."""
+
+    @wraps(handler)
+    async def guarded(view: View, request: Request, **kwargs: Any) -> Response:
+        if settings.api_token is not None:
+            given = request.headers.get("Authorization", "")
+            expected = f"Bearer {settings.api_token}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                return view.json(
+                    {"error": "missing or wrong bearer token"},
+                    status=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="marvin-faust"'},
+                )
+        return await handler(view, request, **kwargs)
+
+    return guarded
+
+
+def parse_limit(raw: str | None) -> int | None:
+    """``?limit=N``: a positive whole number, or absent. Raises ValueError with the reason."""
+    if raw is None:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"limit must be a positive whole number, got {raw!r}")
+    return int(raw)
+
+
+@app.page("/conversations/{conversation_id}/")
+@require_token
+@app.table_route(table=history, match_info="conversation_id")
+async def conversation(view: View, request: Request, conversation_id: str) -> Response:
+    try:
+        limit = parse_limit(request.query.get("limit"))
+    except ValueError as exc:
+        return view.json({"error": str(exc)}, status=400)
+    turns = history[conversation_id]
+    if not turns:
+        return view.json({"error": f"no conversation {conversation_id!r}"}, status=404)
+    shown = turns[-limit:] if limit else turns
+    return view.json(
+        {"conversation_id": conversation_id, "total_turns": len(turns), "turns": shown}
+    )
+
+
+@app.page("/health/")
+async def health(view: View, request: Request) -> Response:
+    return view.json({"status": "ok"})
+
+
+@app.page("/ready/")
+async def ready(view: View, request: Request) -> Response:
+    waiting = []
+    if not app.tables.recovery.completed.is_set():
+        waiting.append("table recovery")
+    if not backend.loaded:
+        waiting.append("model")
+    if waiting:
+        return view.json({"status": "starting", "waiting_for": waiting}, status=503)
+    return view.json({"status": "ready", "backend": backend.name})
+
+
+@app.timer(interval=10.0)
+async def count_conversations() -> None:
+    metrics.ACTIVE_CONVERSATIONS.set(len(history))
