@@ -1,11 +1,50 @@
-"""CLI commands beyond Faust's own: ``marvin-faust greet`` and ``marvin-faust broker``."""
+"""CLI commands beyond Faust's own: ``greet``, ``chat``, ``say`` (front ends over Kafka)."""
 
 from __future__ import annotations
 
-from faust.cli import AppCommand, option
+import asyncio
+import contextlib
+import itertools
+import json
+import sys
+from collections.abc import AsyncIterator
+
+import click
+from faust.cli import AppCommand, argument, option
 
 from .app import app, settings
-from .client import ChatProducer
+from .client import ChatClient, ChatClientError
+
+REPLY_TIMEOUT = 300.0
+QUIT = "/quit"
+
+
+def fail(message: str) -> None:
+    """One clear line on stderr and a non-zero exit."""
+    click.echo(f"marvin-faust: {message}", err=True)
+    raise SystemExit(1)
+
+
+@contextlib.asynccontextmanager
+async def spinner(label: str) -> AsyncIterator[None]:
+    """A spinner on stderr while waiting, only when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        yield
+        return
+
+    async def spin() -> None:
+        for frame in itertools.cycle("|/-\\"):
+            sys.stderr.write(f"\r{frame} {label}")
+            sys.stderr.flush()
+            await asyncio.sleep(0.1)
+
+    task = asyncio.create_task(spin())
+    try:
+        yield
+    finally:
+        task.cancel()
+        sys.stderr.write("\r" + " " * (len(label) + 2) + "\r")
+        sys.stderr.flush()
 
 
 @app.command(
@@ -17,7 +56,79 @@ from .client import ChatProducer
 )
 async def greet(self: AppCommand, conversation_id: str | None) -> None:
     """Open a conversation: send Marvin's greeting and print the new conversation id."""
-    async with ChatProducer(settings) as producer:
-        cid = await producer.greet(conversation_id)
-    self.say(settings.greeting, err=True)
-    print(cid)
+    try:
+        async with ChatClient(settings, listen=False) as client:
+            greeting = await client.greet(conversation_id)
+    except ChatClientError as exc:
+        fail(str(exc))
+    click.echo(greeting.text, err=True)
+    click.echo(greeting.conversation_id)
+
+
+@app.command(
+    argument("conversation_id", required=False),
+    option(
+        "--timeout",
+        type=float,
+        default=REPLY_TIMEOUT,
+        show_default=True,
+        help="Seconds to wait for each reply.",
+    ),
+)
+async def chat(self: AppCommand, conversation_id: str | None, timeout: float) -> None:
+    """Chat with Marvin in the terminal (a new conversation, or resume one by id).
+
+    Type a line and press Enter; /quit or Ctrl-D ends the chat.
+    """
+    try:
+        async with ChatClient(settings) as client:
+            if conversation_id is None:
+                greeting = await client.greet()
+                conversation_id = greeting.conversation_id
+                click.echo(f"[conversation {conversation_id}]")
+                click.echo(f"Marvin: {greeting.text}")
+            else:
+                click.echo(f"[resuming conversation {conversation_id}]")
+            while True:
+                line = await asyncio.to_thread(read_line, "You: ")
+                if line is None or line.strip() == QUIT:
+                    break
+                if not line.strip():
+                    continue
+                async with spinner("Marvin is thinking..."):
+                    reply = await client.ask(conversation_id, line, timeout)
+                click.echo(f"Marvin: {reply.text}")
+    except ChatClientError as exc:
+        fail(str(exc))
+
+
+def read_line(prompt: str) -> str | None:
+    """One line from stdin, or None at end of input."""
+    try:
+        return input(prompt)
+    except EOFError:
+        return None
+
+
+@app.command(
+    argument("conversation_id"),
+    argument("text"),
+    option(
+        "--timeout",
+        type=float,
+        default=REPLY_TIMEOUT,
+        show_default=True,
+        help="Seconds to wait for the reply.",
+    ),
+    option("--json", "as_json", is_flag=True, help="Print the reply record as JSON."),
+)
+async def say(
+    self: AppCommand, conversation_id: str, text: str, timeout: float, as_json: bool
+) -> None:
+    """Send one message to a conversation and print Marvin's reply (for scripts)."""
+    try:
+        async with ChatClient(settings) as client:
+            reply = await client.ask(conversation_id, text, timeout)
+    except ChatClientError as exc:
+        fail(str(exc))
+    click.echo(json.dumps(reply.asdict(), ensure_ascii=False) if as_json else reply.text)
