@@ -61,6 +61,8 @@ class Outcome(StrEnum):
 
 @app.agent(chat_topic)
 async def answer(stream: Any) -> AsyncIterator[Outcome]:
+    # Faust may start the agent before the model has loaded: let the stream buffer meanwhile.
+    await backend.wait_until_loaded()
     # Yielding the outcome lets agent.test_context() wait until a message is fully handled.
     async for event in stream.events():
         message = event.message

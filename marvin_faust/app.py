@@ -6,7 +6,6 @@ Run with ``faust -A marvin_faust worker -l info``, ``marvin-faust worker`` or
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 import sys
@@ -75,7 +74,7 @@ class ModelLoader(Service):
     async def on_start(self) -> None:
         log.info("Loading the %s model backend", backend.name)
         try:
-            await asyncio.to_thread(backend.load)
+            await backend.start()
         except ModelLoadError as exc:
             log.error("marvin-faust: cannot start: %s", exc)
             print(f"marvin-faust: cannot start: {exc}", file=sys.stderr, flush=True)

@@ -8,16 +8,16 @@ assignment, never on in-place mutation.
 
 from __future__ import annotations
 
-import faust
-
 from .app import app, settings
 
 history = app.Table(
     "conversation-history",
     default=list,
-    schema=faust.Schema(
-        key_type=str, value_type=list, key_serializer="raw", value_serializer="json"
-    ),
+    # bytes -> Faust's "raw" key codec: the changelog key is the conversation id's UTF-8 bytes,
+    # exactly the chat topic's key, so table_route hashes it to the same partition. (Any other
+    # key type gets JSON, a quoted key, and requests get routed to the wrong worker.) The
+    # table is still indexed with str ids: the raw codec encodes them.
+    key_type=bytes,
     partitions=settings.partitions,
     help="Conversation id -> list of turns (role, text, timestamp, message_id).",
 )

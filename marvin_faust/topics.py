@@ -17,6 +17,9 @@ def _raw_topic(name: str) -> object:
         key_serializer="raw",
         value_serializer="raw",
         partitions=settings.partitions,
+        # "internal": Faust creates the topic with these partitions before it subscribes, so a
+        # fresh cluster works without a manual create step.
+        internal=True,
     )
 
 

@@ -17,4 +17,4 @@ _UNIT_ENV = {
 for _name, _value in _UNIT_ENV.items():
     os.environ.setdefault(_name, _value)
 
-pytest_plugins = []
+pytest_plugins = ["tests.kafka_fixtures", "tests.worker_fixtures"]

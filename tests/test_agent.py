@@ -31,7 +31,7 @@ async def agent(monkeypatch):
     app.finalize()
     app.flow_control.resume()
     if not backend.loaded:
-        backend.load()
+        await backend.start()
     monkeypatch.setattr(agents.reply_topic, "send", AsyncMock())
     monkeypatch.setattr(agents.dead_letter_topic, "send", AsyncMock())
     async with agents.answer.test_context() as test_agent:

@@ -49,6 +49,7 @@ class ChatBackend(ABC):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._loaded = False
+        self._ready = asyncio.Event()
 
     @property
     def loaded(self) -> bool:
@@ -58,6 +59,14 @@ class ChatBackend(ABC):
         """Load the model (blocking; call it from a thread). Raises :class:`ModelLoadError`."""
         self._load()
         self._loaded = True
+
+    async def start(self) -> None:
+        """Load in a worker thread, then wake everything waiting in :meth:`wait_until_loaded`."""
+        await asyncio.to_thread(self.load)
+        self._ready.set()
+
+    async def wait_until_loaded(self) -> None:
+        await self._ready.wait()
 
     def _load(self) -> None:  # noqa: B027 - optional hook, most stand-ins have nothing to load
         pass
