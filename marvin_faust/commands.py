@@ -1,4 +1,5 @@
-"""CLI commands beyond Faust's own: ``greet``, ``chat``, ``say`` (front ends over Kafka)."""
+"""CLI commands beyond Faust's own: ``greet``, ``chat``, ``say`` (front ends over Kafka) and
+``broker`` (the local development broker)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ from collections.abc import AsyncIterator
 
 import click
 from faust.cli import AppCommand, argument, option
+from faust.cli.faust import cli as faust_cli
 
+from . import broker
 from .app import app, settings
 from .client import ChatClient, ChatClientError
 
 REPLY_TIMEOUT = 300.0
 QUIT = "/quit"
+
+faust_cli.add_command(broker.cli, "broker")
 
 
 def fail(message: str) -> None:
