@@ -41,7 +41,9 @@ class Settings(BaseSettings):
     )
     topic: str = Field("chat", min_length=1, description="Topic the chat front ends write to.")
     reply_topic: str | None = Field(None, description="Reply topic; empty = the chat topic.")
-    dead_letter_topic: str = Field("chat-dead-letters", min_length=1)
+    dead_letter_topic: str = Field(
+        "chat-dead-letters", min_length=1, description="Bad records go here, with the reason."
+    )
     partitions: int = Field(4, ge=1, description="Partitions of the chat topic and the table.")
     ai_role: str = Field("AI", min_length=1, description="Role of the bot's own messages.")
     human_role: str = Field("human", min_length=1, description="Role that gets answered.")
@@ -53,7 +55,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path(".state"), description="Faust data dir, models and RocksDB.")
     store: str = Field("rocksdb://", description="Table store: rocksdb:// or memory://.")
     web_bind: str = Field("127.0.0.1", description="Address the web server binds to.")
-    web_port: int = Field(6066, ge=1, le=65535)
+    web_port: int = Field(6066, ge=1, le=65535, description="Port of the Faust web server.")
     api_token: str | None = Field(None, description="Bearer token for the conversation views.")
 
     # -- Model ---------------------------------------------------------------------------------
@@ -62,24 +64,28 @@ class Settings(BaseSettings):
         "offline", description="Where the GGUF comes from."
     )
     model_path: Path | None = Field(None, description="Local GGUF file (model_source=path).")
-    model_repo: str = Field("TheBloke/Llama-2-7b-Chat-GGUF", min_length=1)
-    model_file: str = Field("llama-2-7b-chat.Q4_K_M.gguf", min_length=1)
+    model_repo: str = Field(
+        "TheBloke/Llama-2-7b-Chat-GGUF", min_length=1, description="Hub repo (huggingface)."
+    )
+    model_file: str = Field(
+        "llama-2-7b-chat.Q4_K_M.gguf", min_length=1, description="GGUF file in that repo."
+    )
     prompt_format: Literal["auto", "template", "llama-2", "plain"] = Field(
         "auto", description="auto: the GGUF's template, else llama-2 for Llama-2 chat, else plain."
     )
-    n_ctx: int = Field(2048, ge=128)
+    n_ctx: int = Field(2048, ge=128, description="Context window in tokens.")
     n_gpu_layers: int = Field(-1, ge=-1, description="-1 = all on the GPU.")
     n_threads: int | None = Field(None, ge=1, description="llama.cpp threads; empty = its default.")
-    max_tokens: int = Field(250, ge=1)
-    temperature: float = Field(0.7, ge=0.0)
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
-    top_k: int = Field(150, ge=0)
-    repeat_penalty: float = Field(1.2, gt=0.0)
+    max_tokens: int = Field(250, ge=1, description="Longest reply in tokens.")
+    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling.")
+    top_k: int = Field(150, ge=0, description="Top-k sampling.")
+    repeat_penalty: float = Field(1.2, gt=0.0, description="Repetition penalty.")
     seed: int = Field(-1, description="Sampling seed; -1 = random.")
     history_token_budget: int = Field(300, ge=0, description="History tokens put in the prompt.")
     model_timeout: float = Field(300.0, gt=0, description="Seconds before a reply is given up.")
-    persona: str = Field(PERSONA, min_length=1)
-    greeting: str = Field(GREETING, min_length=1)
+    persona: str = Field(PERSONA, min_length=1, description="System message of every prompt.")
+    greeting: str = Field(GREETING, min_length=1, description="The bot's opening line.")
 
     # -- Stand-in backend (tests, demos, benchmarks) ---------------------------------------------
     standin_latency: float = Field(0.0, ge=0.0, description="Seconds the stand-in takes to reply.")
