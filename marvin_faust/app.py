@@ -43,6 +43,7 @@ def create_app(settings: Settings) -> faust.App:
         autodiscover=True,
         origin="marvin_faust",
         topic_partitions=settings.partitions,
+        processing_guarantee=settings.processing_guarantee,
         web_bind=settings.web_bind,
         web_port=settings.web_port,
         # The URL other workers use to reach this one (table_route); the bind address unless

@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     partitions: int = Field(4, ge=1, description="Partitions of the chat topic and the table.")
     ai_role: str = Field("AI", min_length=1, description="Role of the bot's own messages.")
     human_role: str = Field("human", min_length=1, description="Role that gets answered.")
+    processing_guarantee: Literal["exactly_once", "at_least_once"] = Field(
+        "exactly_once",
+        description="exactly_once: reply, history and offset commit in one Kafka transaction.",
+    )
     max_poll_records: int = Field(10, ge=1, description="Records fetched per poll.")
     max_text_chars: int = Field(4000, ge=1, description="Longer human texts are dead-lettered.")
     max_stored_turns: int = Field(200, ge=2, description="History turns kept per conversation.")
