@@ -17,6 +17,7 @@ from mode import Service
 
 from .llm import ChatBackend, ModelLoadError, create_backend
 from .metrics import REGISTRY
+from .security import broker_credentials
 from .settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ def create_app(settings: Settings) -> faust.App:
         origin="marvin_faust",
         topic_partitions=settings.partitions,
         processing_guarantee=settings.processing_guarantee,
+        broker_credentials=broker_credentials(settings),
+        # A rebalance hands a partition to a worker that already holds a copy of its history.
+        table_standby_replicas=settings.standby_replicas,
         web_bind=settings.web_bind,
         web_port=settings.web_port,
         # The URL other workers use to reach this one (table_route); the bind address unless

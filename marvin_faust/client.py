@@ -21,6 +21,7 @@ from .models import (
     make_message,
     new_message_id,
 )
+from .security import aiokafka_options
 from .settings import Settings
 
 TOPIC_WAIT_SECONDS = 10.0
@@ -39,8 +40,12 @@ class ChatClient:
 
     def __init__(self, settings: Settings, *, listen: bool = True) -> None:
         self.settings = settings
+        security = aiokafka_options(settings)
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers, acks="all", enable_idempotence=True
+            bootstrap_servers=settings.bootstrap_servers,
+            acks="all",
+            enable_idempotence=True,
+            **security,
         )
         self._consumer = (
             AIOKafkaConsumer(
@@ -48,6 +53,7 @@ class ChatClient:
                 group_id=None,
                 enable_auto_commit=False,
                 auto_offset_reset="latest",
+                **security,
             )
             if listen
             else None

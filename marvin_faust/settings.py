@@ -7,10 +7,11 @@ message names the variable and says what is wrong with it.
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, FilePath, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "MARVIN_"
@@ -52,8 +53,32 @@ class Settings(BaseSettings):
         description="exactly_once: reply, history and offset commit in one Kafka transaction.",
     )
     max_poll_records: int = Field(10, ge=1, description="Records fetched per poll.")
+    standby_replicas: int = Field(
+        1, ge=0, description="Standby copies of each table partition kept by other workers."
+    )
     max_text_chars: int = Field(4000, ge=1, description="Longer human texts are dead-lettered.")
     max_stored_turns: int = Field(200, ge=2, description="History turns kept per conversation.")
+
+    # -- Kafka security (marvin_faust.security) ----------------------------------------------------
+    security_protocol: Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL"] = Field(
+        "PLAINTEXT", description="How clients talk to Kafka."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", description="SASL mechanism (SASL_* protocols)."
+    )
+    sasl_username: str | None = Field(None, description="SASL user (SASL_* protocols).")
+    sasl_password: SecretStr | None = Field(
+        None, description="SASL password (SASL_* protocols); never logged."
+    )
+    ssl_cafile: FilePath | None = Field(
+        None, description="CA bundle that signed the broker's certificate; empty = system CAs."
+    )
+    ssl_certfile: FilePath | None = Field(
+        None, description="Client certificate (PEM) for mutual TLS."
+    )
+    ssl_keyfile: FilePath | None = Field(
+        None, description="Private key (PEM) of the client certificate."
+    )
 
     # -- State and web -------------------------------------------------------------------------
     data_dir: Path = Field(Path(".state"), description="Faust data dir, models and RocksDB.")
@@ -100,7 +125,46 @@ class Settings(BaseSettings):
             raise ValueError("MARVIN_MODEL_PATH must be set when MARVIN_MODEL_SOURCE=path")
         if not self.broker.startswith("kafka://"):
             raise ValueError(f"MARVIN_BROKER must start with kafka:// (got {self.broker!r})")
+        self._check_security()
         return self
+
+    def _check_security(self) -> None:
+        # A credential that would be silently ignored is as wrong as a missing one.
+        protocol = self.security_protocol
+        if protocol.startswith("SASL_"):
+            if not self.sasl_username or not self.sasl_password:
+                raise ValueError(
+                    f"MARVIN_SECURITY_PROTOCOL={protocol} needs MARVIN_SASL_USERNAME "
+                    "and MARVIN_SASL_PASSWORD"
+                )
+        elif self.sasl_username or self.sasl_password:
+            raise ValueError(
+                f"MARVIN_SASL_USERNAME/MARVIN_SASL_PASSWORD are set but "
+                f"MARVIN_SECURITY_PROTOCOL={protocol} does not use SASL "
+                "(SASL_PLAINTEXT or SASL_SSL)"
+            )
+        tls_files = [
+            name
+            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+            if getattr(self, name) is not None
+        ]
+        if tls_files and not protocol.endswith("SSL"):
+            raise ValueError(
+                f"{ENV_PREFIX}{tls_files[0].upper()} is set but MARVIN_SECURITY_PROTOCOL="
+                f"{protocol} does not use TLS (SSL or SASL_SSL)"
+            )
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ValueError("MARVIN_SSL_KEYFILE needs MARVIN_SSL_CERTFILE (the certificate)")
+        if protocol.endswith("SSL"):
+            from .security import ssl_context  # imported here: it imports Faust
+
+            try:
+                ssl_context(self)
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(
+                    "MARVIN_SSL_CAFILE/MARVIN_SSL_CERTFILE/MARVIN_SSL_KEYFILE cannot be loaded "
+                    f"as PEM: {exc}"
+                ) from None
 
     @property
     def replies_to(self) -> str:
