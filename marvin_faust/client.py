@@ -10,7 +10,7 @@ import asyncio
 import json
 from types import TracebackType
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 
 from .models import (
@@ -53,6 +53,8 @@ class ChatClient:
                 group_id=None,
                 enable_auto_commit=False,
                 auto_offset_reset="latest",
+                # the worker replies inside Kafka transactions: never show an aborted one
+                isolation_level="read_committed",
                 **security,
             )
             if listen
@@ -84,17 +86,16 @@ class ChatClient:
 
     async def _listen_from_end(self, topic: str) -> None:
         assert self._consumer is not None
+        # With no group, a subscription is assigned every partition of the topic.
+        self._consumer.subscribe([topic])
         loop = asyncio.get_running_loop()
         deadline = loop.time() + TOPIC_WAIT_SECONDS
-        while not (partitions := self._consumer.partitions_for_topic(topic)):
+        while not (assigned := self._consumer.assignment()):
             if loop.time() > deadline:
                 raise ChatClientError(
                     f"topic {topic!r} does not exist: is a marvin-faust worker running?"
                 )
-            await self._consumer.topics()  # refreshes the metadata
-            await asyncio.sleep(0.2)
-        assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
-        self._consumer.assign(assigned)
+            await asyncio.sleep(0.1)
         await self._consumer.seek_to_end(*assigned)
         for tp in assigned:  # fix the positions now, so no reply sent after this is missed
             await self._consumer.position(tp)
