@@ -17,7 +17,7 @@ from mode import Service
 
 from .llm import ChatBackend, ModelLoadError, create_backend
 from .metrics import REGISTRY
-from .security import broker_credentials
+from .security import CredentialsCheck, broker_credentials
 from .settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,9 @@ def create_app(settings: Settings) -> faust.App:
         origin="marvin_faust",
         topic_partitions=settings.partitions,
         processing_guarantee=settings.processing_guarantee,
+        # Under exactly_once a reply is visible to read_committed consumers only once its
+        # transaction commits: commit often, or every reply waits for Faust's 2.8 s default.
+        broker_commit_interval=settings.commit_interval,
         broker_credentials=broker_credentials(settings),
         # A rebalance hands a partition to a worker that already holds a copy of its history.
         table_standby_replicas=settings.standby_replicas,
@@ -67,6 +70,8 @@ def create_app(settings: Settings) -> faust.App:
 
 settings = _settings_or_exit()
 app = create_app(settings)
+# Started before Faust's own Kafka clients: rejected credentials stop the start with one line.
+app.add_dependency(CredentialsCheck(settings))
 # Faust's own sensor metrics and ours, in one registry served at /metrics.
 setup_prometheus_sensors(app, pattern="/metrics", registry=REGISTRY, name_prefix="faust")
 backend: ChatBackend = create_backend(settings)

@@ -21,7 +21,7 @@ from .models import (
     make_message,
     new_message_id,
 )
-from .security import aiokafka_options
+from .security import aiokafka_options, credentials_problem
 from .settings import Settings
 
 TOPIC_WAIT_SECONDS = 10.0
@@ -69,8 +69,10 @@ class ChatClient:
                 await self._listen_from_end(self.settings.replies_to)
         except (KafkaConnectionError, KafkaTimeoutError) as exc:
             await self.__aexit__(None, None, None)
+            # aiokafka reports a rejected login as a failure to connect: say which it was.
+            problem = await credentials_problem(self.settings)
             raise ChatClientError(
-                f"cannot reach Kafka at {self.settings.bootstrap_servers}: {exc}"
+                problem or f"cannot reach Kafka at {self.settings.bootstrap_servers}: {exc}"
             ) from None
         return self
 
