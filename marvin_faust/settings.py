@@ -52,6 +52,11 @@ class Settings(BaseSettings):
         "exactly_once",
         description="exactly_once: reply, history and offset commit in one Kafka transaction.",
     )
+    commit_interval: float = Field(
+        0.1,
+        gt=0,
+        description="Seconds between offset commits; with exactly_once replies show on commit.",
+    )
     max_poll_records: int = Field(10, ge=1, description="Records fetched per poll.")
     standby_replicas: int = Field(
         1, ge=0, description="Standby copies of each table partition kept by other workers."
