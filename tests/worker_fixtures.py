@@ -166,6 +166,7 @@ async def consume(
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         group_id=None,
+        isolation_level="read_committed",  # aborted transactions are not replies
     )
     await consumer.start()
     records: list = []

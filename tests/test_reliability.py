@@ -1,0 +1,247 @@
+"""The reliability promise under crashes, restarts, rebalances and bad input (real processes).
+
+Each scenario prints its figures (sent, replies, duplicates, lost, dead-lettered, restarts, time
+to resume) and asserts the promise with the verifier in tests/verifier.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import time
+import uuid
+
+import pytest
+
+from tests.kafka_fixtures import make_broker
+from tests.verifier import Sent, human_message, replies_by_message, verify
+from tests.worker_fixtures import produce, run, wire_value
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+STANDIN = {"MARVIN_STANDIN_LATENCY": "0.02", "MARVIN_PARTITIONS": "4"}
+
+
+def conversation_messages(conversations: int, per_conversation: int) -> list[Sent]:
+    cids = [str(uuid.uuid4()) for _ in range(conversations)]
+    return [
+        human_message(cid, f"message {i} of {cid[:8]}")
+        for i in range(per_conversation)
+        for cid in cids
+    ]
+
+
+def send(env: dict, messages: list[Sent]) -> None:
+    bootstrap = env["MARVIN_BROKER"].removeprefix("kafka://")
+    run(
+        produce(
+            bootstrap,
+            env["MARVIN_TOPIC"],
+            [(m.cid.encode(), m.value, [("uuid", m.message_id.encode())]) for m in messages],
+        )
+    )
+
+
+def wait_answered(env: dict, messages: list[Sent], timeout: float = 240.0) -> float:
+    """Seconds until every valid message has a reply (fails after ``timeout``)."""
+    bootstrap = env["MARVIN_BROKER"].removeprefix("kafka://")
+    wanted = {m.message_id for m in messages if m.valid}
+    started = time.monotonic()
+    while True:
+        replies = run(replies_by_message(bootstrap, env["MARVIN_TOPIC"]))
+        missing = wanted - set(replies)
+        if not missing:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{len(missing)} of {len(wanted)} messages still unanswered")
+        time.sleep(1.0)
+
+
+def check(env: dict, messages: list[Sent], label: str, **figures: object) -> None:
+    bootstrap = env["MARVIN_BROKER"].removeprefix("kafka://")
+    report = run(verify(bootstrap, env, messages))
+    extra = ", ".join(f"{k} {v}" for k, v in figures.items())
+    print(f"\n[{label}] {report.summary()}; {extra}")
+    assert report.ok, report
+
+
+def in_batches(messages: list[Sent], count: int) -> list[list[Sent]]:
+    size = -(-len(messages) // count)
+    return [messages[i : i + size] for i in range(0, len(messages), size)]
+
+
+def test_kill_minus_nine_during_a_run(start_worker, worker_env):
+    env = {**worker_env, **STANDIN}
+    worker = start_worker(**STANDIN)
+    messages = conversation_messages(30, 10)
+    rng = random.Random(1)
+    resume_times = []
+    for batch in in_batches(messages, 10):
+        send(env, batch)
+        time.sleep(rng.uniform(0.2, 2.0))
+        worker.kill()
+        started = time.monotonic()
+        worker = start_worker(data_dir=worker.data_dir, **STANDIN)
+        resume_times.append(time.monotonic() - started)
+    drained = wait_answered(env, messages)
+    check(
+        env,
+        messages,
+        "kill -9 x10",
+        restarts=len(resume_times),
+        resume_max_s=round(max(resume_times), 1),
+        drain_s=round(drained, 1),
+    )
+
+
+def test_graceful_restarts_during_a_run(start_worker, worker_env):
+    env = {**worker_env, **STANDIN}
+    worker = start_worker(**STANDIN)
+    messages = conversation_messages(20, 10)
+    resume_times = []
+    for batch in in_batches(messages, 10):
+        send(env, batch)
+        time.sleep(0.5)
+        worker.stop()
+        started = time.monotonic()
+        worker = start_worker(data_dir=worker.data_dir, **STANDIN)  # waits for Ready
+        resume_times.append(time.monotonic() - started)
+    drained = wait_answered(env, messages)
+    check(
+        env,
+        messages,
+        "SIGTERM x10",
+        restarts=len(resume_times),
+        resume_max_s=round(max(resume_times), 1),
+        drain_s=round(drained, 1),
+    )
+
+
+def test_local_state_deleted_while_down_is_rebuilt_identically(start_worker, worker_env):
+    env = {**worker_env, **STANDIN}
+    worker = start_worker(**STANDIN)
+    first = conversation_messages(20, 3)
+    send(env, first)
+    wait_answered(env, first)
+    worker.stop()
+    shutil.rmtree(worker.data_dir)
+    started = time.monotonic()
+    start_worker(data_dir=worker.data_dir, **STANDIN)
+    resumed = time.monotonic() - started
+    # the next message of every conversation sees its whole history
+    second = [human_message(cid, "after the wipe") for cid in {m.cid for m in first}]
+    send(env, second)
+    wait_answered(env, second)
+    bootstrap = env["MARVIN_BROKER"].removeprefix("kafka://")
+    replies = run(replies_by_message(bootstrap, env["MARVIN_TOPIC"]))
+    for m in second:
+        [reply] = replies[m.message_id]
+        assert reply["text"].count("human: message") == 3, reply["text"]
+    check(env, first + second, "state dir deleted", resume_s=round(resumed, 1))
+
+
+def test_poison_pills_among_good_messages(start_worker, worker_env):
+    env = {**worker_env, **STANDIN}
+    start_worker(**STANDIN)
+    good = conversation_messages(20, 10)
+    rng = random.Random(6)
+    makers = [
+        lambda cid: b"{not json",
+        lambda cid: b"\xff\xfe\xfd",
+        lambda cid: json.dumps(
+            {"uuid": cid, "role": "human", "text": 5, "conversation_id": cid, "Timestamp": 1}
+        ).encode(),
+        lambda cid: json.dumps({"role": "human", "text": "no ids"}).encode(),
+        lambda cid: wire_value(cid, ""),
+        lambda cid: wire_value(cid, "x" * 5000),
+        lambda cid: None,
+    ]
+    bad = [
+        Sent(cid, str(uuid.uuid4()), makers[i % len(makers)](cid), valid=False)
+        for i, cid in enumerate(rng.choice(good).cid for _ in range(50))
+    ]
+    mixed = good + bad
+    rng.shuffle(mixed)
+    send(env, mixed)
+    drained = wait_answered(env, mixed)
+    check(env, mixed, "poison pills", drain_s=round(drained, 1))
+
+
+def test_a_message_delivered_twice_is_answered_once(start_worker, worker_env):
+    env = {**worker_env, **STANDIN}
+    start_worker(**STANDIN)
+    messages = conversation_messages(10, 3)
+    send(env, messages)
+    send(env, messages[::2])  # the same records again, same uuid headers
+    wait_answered(env, messages)
+    time.sleep(3)  # give a duplicate reply the time to appear
+    check(env, messages + messages[::2], "duplicates", redelivered=len(messages[::2]))
+
+
+def test_model_failures_and_hangs_are_dead_lettered(start_worker, worker_env):
+    failing = {**STANDIN, "MARVIN_MODEL_TIMEOUT": "1"}
+    env = {**worker_env, **failing}
+    start_worker(**failing)
+    rng = random.Random(8)
+    messages = []
+    for m in conversation_messages(20, 5):
+        roll = rng.random()
+        if roll < 0.10:
+            messages.append(Sent(m.cid, m.message_id, wire_value(m.cid, "boom [fail]"), False))
+        elif roll < 0.15:
+            messages.append(Sent(m.cid, m.message_id, wire_value(m.cid, "wait [hang]"), False))
+        else:
+            messages.append(m)
+    send(env, messages)
+    drained = wait_answered(env, messages)
+    check(
+        env,
+        messages,
+        "model failures",
+        drain_s=round(drained, 1),
+        failing=sum(not m.valid for m in messages),
+    )
+
+
+def test_broker_kill_and_restart_mid_run(start_worker, worker_env, tmp_path):
+    broker = make_broker(tmp_path / "broker")
+    broker.start()
+    try:
+        env = {**worker_env, **STANDIN, "MARVIN_BROKER": f"kafka://{broker.bootstrap_servers}"}
+        start_worker(**{k: v for k, v in env.items() if k.startswith("MARVIN_")})
+        messages = conversation_messages(20, 6)
+        outages = []
+        for batch in in_batches(messages, 3):
+            send(env, batch)
+            time.sleep(1.0)
+            os.kill(broker.pid, signal.SIGKILL)
+            time.sleep(2.0)
+            started = time.monotonic()
+            broker.start()
+            outages.append(time.monotonic() - started)
+        drained = wait_answered(env, messages, timeout=300)
+        check(
+            env,
+            messages,
+            "broker kill -9 x3",
+            broker_restart_max_s=round(max(outages), 1),
+            drain_s=round(drained, 1),
+        )
+    finally:
+        broker.stop()
+
+
+def test_a_second_worker_joining_and_leaving(start_worker, worker_env):
+    env = {**worker_env, **STANDIN}
+    start_worker(**STANDIN)
+    messages = conversation_messages(20, 10)
+    for batch in in_batches(messages, 5):
+        send(env, batch)
+        second = start_worker(**STANDIN)
+        time.sleep(1.0)
+        second.stop()
+    drained = wait_answered(env, messages)
+    check(env, messages, "rebalances x5", drain_s=round(drained, 1))
