@@ -58,7 +58,8 @@ class Report:
             f"sent {self.sent_valid} valid + {self.sent_bad} bad; replies {self.answered}; "
             f"duplicates {self.duplicates}; lost {len(self.lost)}; "
             f"dead-lettered {self.dead_lettered} (bad twice {self.bad_dead_lettered_twice}, "
-            f"bad missing {len(self.bad_not_dead_lettered)}, valid {len(self.valid_dead_lettered)}); "
+            f"bad missing {len(self.bad_not_dead_lettered)}, "
+            f"valid {len(self.valid_dead_lettered)}); "
             f"history mismatches {len(self.history_mismatches)}"
         )
 
