@@ -76,6 +76,10 @@ class BrokerConfig:
 
     ``controller_port`` defaults to ``port + 1`` and ``jars_dir`` to ``$MARVIN_KAFKA_JARS``,
     else ``home/lib``; several homes can share one jars dir.
+
+    ``sasl_users`` (user -> password, a dict or pairs) adds a second client listener,
+    SASL_PLAINTEXT with the PLAIN mechanism, on ``sasl_port`` (default ``port + 2``); the
+    PLAINTEXT listener stays for the broker's own use and for the readiness check.
     """
 
     host: str = DEFAULT_HOST
@@ -85,8 +89,18 @@ class BrokerConfig:
     jars_dir: Path | None = None
     kafka_version: str = KAFKA_VERSION
     heap: str = "512m"
+    sasl_users: tuple[tuple[str, str], ...] = ()
+    sasl_port: int | None = None
 
     def __post_init__(self) -> None:
+        users = self.sasl_users
+        pairs = tuple(users.items()) if isinstance(users, dict) else tuple(users)
+        object.__setattr__(self, "sasl_users", pairs)
+        for user, _ in pairs:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", user):
+                raise BrokerError(f"SASL user names are letters, digits, _ . - (got {user!r})")
+        if self.sasl_port is None and pairs:
+            object.__setattr__(self, "sasl_port", self.port + 2)
         home = Path(self.home).expanduser().absolute()
         object.__setattr__(self, "home", home)
         if self.controller_port is None:
@@ -95,12 +109,14 @@ class BrokerConfig:
             env = os.environ.get("MARVIN_KAFKA_JARS")
             object.__setattr__(self, "jars_dir", Path(env) if env else home / "lib")
         object.__setattr__(self, "jars_dir", Path(self.jars_dir).expanduser().absolute())
-        for name in ("port", "controller_port"):
+        for name in ("port", "controller_port", "sasl_port"):
             value = getattr(self, name)
-            if not 1 <= value <= 65535:
+            if value is not None and not 1 <= value <= 65535:
                 raise BrokerError(f"{name} must be between 1 and 65535 (got {value})")
         if self.port == self.controller_port:
             raise BrokerError(f"the broker and controller ports must differ (both {self.port})")
+        if self.sasl_port is not None and self.sasl_port in (self.port, self.controller_port):
+            raise BrokerError(f"the SASL port must differ from the others (got {self.sasl_port})")
 
     @property
     def data_dir(self) -> Path:
@@ -131,6 +147,11 @@ class BrokerConfig:
     @property
     def bootstrap_servers(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def sasl_bootstrap_servers(self) -> str | None:
+        """``host:sasl_port`` of the SASL_PLAINTEXT listener, if there is one."""
+        return f"{self.host}:{self.sasl_port}" if self.sasl_users else None
 
 
 @dataclass(frozen=True)
@@ -273,7 +294,10 @@ class LocalBroker:
                 )
             cfg.pid_file.unlink(missing_ok=True)  # stale
             java = find_java(min_major=17 if int(cfg.kafka_version.split(".")[0]) >= 4 else 11)
-            for port, role in ((cfg.port, "broker"), (cfg.controller_port, "controller")):
+            ports = [(cfg.port, "broker"), (cfg.controller_port, "controller")]
+            if cfg.sasl_users:
+                ports.append((cfg.sasl_port, "SASL"))
+            for port, role in ports:
                 if not port_is_free(cfg.host, port):
                     raise BrokerError(
                         f"port {port} on {cfg.host} (the {role} port) is already in use "
@@ -333,9 +357,32 @@ class LocalBroker:
         if int(cfg.kafka_version.split(".")[0]) >= 4:
             settings["share.coordinator.state.topic.replication.factor"] = "1"
             settings["share.coordinator.state.topic.min.isr"] = "1"
+        if cfg.sasl_users:
+            settings.update(self._sasl_properties())
         lines = ["# Written by marvin_faust.broker on each start: edits here are overwritten."]
         lines += [f"{key}={_escape_property(value)}" for key, value in settings.items()]
         cfg.properties_file.write_text("\n".join(lines) + "\n")
+
+    def _sasl_properties(self) -> dict[str, str]:
+        """A SASL_PLAINTEXT listener with PLAIN users, beside the PLAINTEXT one."""
+        cfg = self.config
+        plain = f"PLAINTEXT://{cfg.host}:{cfg.port}"
+        sasl = f"SASL_PLAINTEXT://{cfg.host}:{cfg.sasl_port}"
+        users = " ".join(
+            f'user_{user}="{_jaas_quote(password)}"' for user, password in cfg.sasl_users
+        )
+        return {
+            "listeners": f"{plain},{sasl},CONTROLLER://{cfg.host}:{cfg.controller_port}",
+            "advertised.listeners": f"{plain},{sasl}",
+            "listener.security.protocol.map": (
+                "PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT"
+            ),
+            "sasl.enabled.mechanisms": "PLAIN",
+            # The broker's user list; no username/password: the brokers talk over PLAINTEXT.
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config": (
+                f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};"
+            ),
+        }
 
     def _format(self, java: str) -> None:
         cfg = self.config
@@ -654,6 +701,11 @@ def _maven_error(output: str) -> str:
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in output.splitlines()]
     errors = [line for line in lines if line.startswith("[ERROR]") and line != "[ERROR]"]
     return (errors or [line for line in lines if line] or ["no output"])[0]
+
+
+def _jaas_quote(value: str) -> str:
+    """A JAAS option value inside double quotes."""
+    return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def _escape_property(value: str) -> str:
