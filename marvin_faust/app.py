@@ -48,6 +48,9 @@ def create_app(settings: Settings) -> faust.App:
         # Under exactly_once a reply is visible to read_committed consumers only once its
         # transaction commits: commit often, or every reply waits for Faust's 2.8 s default.
         broker_commit_interval=settings.commit_interval,
+        # Heartbeats come from a background thread, so slow replies do not count against this;
+        # a worker killed with -9 holds its partitions for this long (Faust's default is 60 s).
+        broker_session_timeout=settings.session_timeout,
         broker_credentials=broker_credentials(settings),
         # A rebalance hands a partition to a worker that already holds a copy of its history.
         table_standby_replicas=settings.standby_replicas,

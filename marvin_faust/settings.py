@@ -57,6 +57,11 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds between offset commits; with exactly_once replies show on commit.",
     )
+    session_timeout: float = Field(
+        10.0,
+        ge=6.0,
+        description="Seconds before a silent (killed) worker's partitions move to the others.",
+    )
     max_poll_records: int = Field(10, ge=1, description="Records fetched per poll.")
     standby_replicas: int = Field(
         1, ge=0, description="Standby copies of each table partition kept by other workers."
