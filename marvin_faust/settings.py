@@ -97,6 +97,13 @@ class Settings(BaseSettings):
     web_port: int = Field(6066, ge=1, le=65535, description="Port of the Faust web server.")
     api_token: str | None = Field(None, description="Bearer token for the conversation views.")
 
+    # -- Web chat front end (``marvin-faust webchat``, a process of its own) -----------------------
+    webchat_bind: str = Field("127.0.0.1", description="Address the web chat binds to.")
+    webchat_port: int = Field(8080, ge=1, le=65535, description="Port of the web chat.")
+    worker_url: str = Field(
+        "http://127.0.0.1:6066", description="A worker's web URL: the web chat reads history there."
+    )
+
     # -- Model ---------------------------------------------------------------------------------
     backend: Literal["llamacpp", "standin"] = Field("llamacpp", description="LLM backend.")
     model_source: Literal["offline", "path", "huggingface"] = Field(
