@@ -1,51 +1,64 @@
 """A chat front end's side of the wire: records on the chat topic, via aiokafka.
 
-Used by the CLI commands (``greet``, ``chat``, ``say``). Other producers need none of this code,
-only the wire format in ``models``.
+Used by the CLI commands (``greet``, ``chat``, ``say``) and the web chat (``webchat``). Other
+producers need none of this code, only the wire format in ``models``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from types import TracebackType
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
 from .models import (
     IN_REPLY_TO_HEADER,
     MESSAGE_ID_HEADER,
+    BadMessage,
     ChatMessage,
     header_value,
     make_message,
     new_message_id,
+    parse_chat_message,
 )
-from .security import aiokafka_options, credentials_problem
 from .settings import Settings
 
 TOPIC_WAIT_SECONDS = 10.0
+# Own message ids remembered to skip their echoes on the reply topic (the greeting is an AI record).
+SENT_IDS_KEPT = 1000
 
 
 class ChatClientError(Exception):
     """The broker cannot be reached, or no reply came in time; the message says which."""
 
 
+@dataclass(frozen=True)
+class Reply:
+    """An AI record seen on the reply topic, with its ``uuid`` and ``in-reply-to`` headers."""
+
+    message: ChatMessage
+    message_id: str | None
+    in_reply_to: str | None
+
+
 class ChatClient:
     """Sends chat records and waits for the replies to them.
 
-    The reply consumer has no group: it is positioned at the end of the reply topic before
-    anything is sent, so it sees every reply that follows and no other client's offsets move.
+    The reply consumer has no group: it takes every partition of the reply topic and is
+    positioned at the end before anything is sent, so it sees every reply that follows and no
+    other client's offsets move. It reads committed records only: the worker answers inside a
+    Kafka transaction (exactly_once), and an aborted attempt must not count as a reply.
     """
 
     def __init__(self, settings: Settings, *, listen: bool = True) -> None:
         self.settings = settings
-        security = aiokafka_options(settings)
+        self._sent: dict[str, None] = {}  # insertion-ordered set of our own message ids
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers,
-            acks="all",
-            enable_idempotence=True,
-            **security,
+            bootstrap_servers=settings.bootstrap_servers, acks="all", enable_idempotence=True
         )
         self._consumer = (
             AIOKafkaConsumer(
@@ -53,9 +66,7 @@ class ChatClient:
                 group_id=None,
                 enable_auto_commit=False,
                 auto_offset_reset="latest",
-                # the worker replies inside Kafka transactions: never show an aborted one
                 isolation_level="read_committed",
-                **security,
             )
             if listen
             else None
@@ -69,11 +80,12 @@ class ChatClient:
                 await self._listen_from_end(self.settings.replies_to)
         except (KafkaConnectionError, KafkaTimeoutError) as exc:
             await self.__aexit__(None, None, None)
-            # aiokafka reports a rejected login as a failure to connect: say which it was.
-            problem = await credentials_problem(self.settings)
             raise ChatClientError(
-                problem or f"cannot reach Kafka at {self.settings.bootstrap_servers}: {exc}"
+                f"cannot reach Kafka at {self.settings.bootstrap_servers}: {exc}"
             ) from None
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
         return self
 
     async def __aexit__(
@@ -88,29 +100,40 @@ class ChatClient:
 
     async def _listen_from_end(self, topic: str) -> None:
         assert self._consumer is not None
-        # With no group, a subscription is assigned every partition of the topic.
-        self._consumer.subscribe([topic])
         loop = asyncio.get_running_loop()
         deadline = loop.time() + TOPIC_WAIT_SECONDS
-        while not (assigned := self._consumer.assignment()):
+        # Check that the topic exists before subscribing: naming a topic in a metadata request
+        # would create it with the broker's defaults, not the worker's partition count.
+        while topic not in await self._consumer.topics():
             if loop.time() > deadline:
                 raise ChatClientError(
                     f"topic {topic!r} does not exist: is a marvin-faust worker running?"
                 )
+            await asyncio.sleep(0.2)
+        # With no group, a subscription is assigned every partition of the topic.
+        self._consumer.subscribe([topic])
+        while not (assigned := self._consumer.assignment()):
+            if loop.time() > deadline:
+                raise ChatClientError(f"no partitions of topic {topic!r} could be assigned")
             await asyncio.sleep(0.1)
-        await self._consumer.seek_to_end(*assigned)
         for tp in assigned:  # fix the positions now, so no reply sent after this is missed
             await self._consumer.position(tp)
 
     async def send(self, message: ChatMessage) -> str:
         """Send ``message`` keyed by its conversation id; returns its ``uuid`` header."""
         message_id = new_message_id()
-        await self._producer.send_and_wait(
-            self.settings.topic,
-            key=message.conversation_id.encode(),
-            value=message.to_bytes(),
-            headers=[(MESSAGE_ID_HEADER, message_id.encode())],
-        )
+        self._sent[message_id] = None
+        while len(self._sent) > SENT_IDS_KEPT:
+            del self._sent[next(iter(self._sent))]
+        try:
+            await self._producer.send_and_wait(
+                self.settings.topic,
+                key=message.conversation_id.encode(),
+                value=message.to_bytes(),
+                headers=[(MESSAGE_ID_HEADER, message_id.encode())],
+            )
+        except KafkaError as exc:
+            raise ChatClientError(f"cannot send to {self.settings.topic!r}: {exc}") from None
         return message_id
 
     async def greet(self, conversation_id: str | None = None) -> ChatMessage:
@@ -121,24 +144,48 @@ class ChatClient:
         await self.send(greeting)
         return greeting
 
+    async def post(self, conversation_id: str, text: str) -> tuple[ChatMessage, str]:
+        """Send a human message without waiting; returns it and its ``uuid`` header."""
+        message = make_message(conversation_id, self.settings.human_role, text)
+        return message, await self.send(message)
+
     async def ask(self, conversation_id: str, text: str, timeout: float) -> ChatMessage:
         """Send a human message and wait for the AI record that answers it."""
-        message_id = await self.send(make_message(conversation_id, self.settings.human_role, text))
+        message, message_id = await self.post(conversation_id, text)
         try:
             async with asyncio.timeout(timeout):
-                return await self._reply_to(conversation_id, message_id)
+                async for reply in self.replies():
+                    if answers(reply, message, message_id):
+                        return reply.message
         except TimeoutError:
             raise ChatClientError(f"no reply from Marvin within {timeout:g}s") from None
-
-    async def _reply_to(self, conversation_id: str, message_id: str) -> ChatMessage:
-        assert self._consumer is not None, "ChatClient(listen=False) cannot wait for replies"
-        key = conversation_id.encode()
-        async for record in self._consumer:
-            if record.key != key or record.value is None:
-                continue
-            if header_value(record.headers, IN_REPLY_TO_HEADER) not in (None, message_id):
-                continue  # a reply to another message of this conversation
-            document = json.loads(record.value)
-            if document.get("role") == self.settings.ai_role:
-                return ChatMessage.from_data(document)
         raise ChatClientError("the reply consumer stopped")
+
+    async def replies(self) -> AsyncIterator[Reply]:
+        """Every AI record on the reply topic from the listening position on, except our own
+        (the greetings this client sent). Records that are not chat messages are skipped."""
+        assert self._consumer is not None, "ChatClient(listen=False) cannot wait for replies"
+        async for record in self._consumer:
+            try:
+                message = parse_chat_message(record.value, max_text_chars=sys.maxsize)
+            except BadMessage:
+                continue
+            message_id = header_value(record.headers, MESSAGE_ID_HEADER)
+            if message.role != self.settings.ai_role or message_id in self._sent:
+                continue
+            if record.key != message.conversation_id.encode():
+                continue
+            yield Reply(message, message_id, header_value(record.headers, IN_REPLY_TO_HEADER))
+
+
+def answers(reply: Reply, message: ChatMessage, message_id: str) -> bool:
+    """Whether ``reply`` answers ``message`` (sent with ``uuid`` header ``message_id``).
+
+    The worker names the message it answers in ``in-reply-to``. A bot that sets no such header
+    is taken at its word for a reply in the same conversation sent after the message.
+    """
+    if reply.message.conversation_id != message.conversation_id:
+        return False
+    if reply.in_reply_to is not None:
+        return reply.in_reply_to == message_id
+    return reply.message.Timestamp >= message.Timestamp
