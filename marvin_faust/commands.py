@@ -1,5 +1,5 @@
-"""CLI commands beyond Faust's own: ``greet``, ``chat``, ``say`` (front ends over Kafka) and
-``broker`` (the local development broker)."""
+"""CLI commands beyond Faust's own: ``greet``, ``chat``, ``say``, ``webchat`` (front ends over
+Kafka) and ``broker`` (the local development broker)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import sys
 from collections.abc import AsyncIterator
 
@@ -17,6 +18,7 @@ from faust.cli.faust import cli as faust_cli
 from . import broker
 from .app import app, settings
 from .client import ChatClient, ChatClientError
+from .webchat import serve as serve_webchat
 
 REPLY_TIMEOUT = 300.0
 QUIT = "/quit"
@@ -28,6 +30,11 @@ def fail(message: str) -> None:
     """One clear line on stderr and a non-zero exit."""
     click.echo(f"marvin-faust: {message}", err=True)
     raise SystemExit(1)
+
+
+def quiet_kafka_logs() -> None:
+    """aiokafka logs every failed connection attempt; a front end reports failures in one line."""
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
 @contextlib.asynccontextmanager
@@ -61,6 +68,7 @@ async def spinner(label: str) -> AsyncIterator[None]:
 )
 async def greet(self: AppCommand, conversation_id: str | None) -> None:
     """Open a conversation: send Marvin's greeting and print the new conversation id."""
+    quiet_kafka_logs()
     try:
         async with ChatClient(settings, listen=False) as client:
             greeting = await client.greet(conversation_id)
@@ -85,6 +93,7 @@ async def chat(self: AppCommand, conversation_id: str | None, timeout: float) ->
 
     Type a line and press Enter; /quit or Ctrl-D ends the chat.
     """
+    quiet_kafka_logs()
     try:
         async with ChatClient(settings) as client:
             if conversation_id is None:
@@ -131,9 +140,34 @@ async def say(
     self: AppCommand, conversation_id: str, text: str, timeout: float, as_json: bool
 ) -> None:
     """Send one message to a conversation and print Marvin's reply (for scripts)."""
+    quiet_kafka_logs()
     try:
         async with ChatClient(settings) as client:
             reply = await client.ask(conversation_id, text, timeout)
     except ChatClientError as exc:
         fail(str(exc))
     click.echo(json.dumps(reply.asdict(), ensure_ascii=False) if as_json else reply.text)
+
+
+@app.command(
+    option(
+        "--port",
+        type=int,
+        default=None,
+        help="Port to listen on  [default: $MARVIN_WEBCHAT_PORT, else 8080]",
+    ),
+    option(
+        "--bind",
+        default=None,
+        help="Address to bind to  [default: $MARVIN_WEBCHAT_BIND, else 127.0.0.1]",
+    ),
+)
+async def webchat(self: AppCommand, port: int | None, bind: str | None) -> None:
+    """Serve the web chat page: a front end of its own that reaches Marvin only through Kafka."""
+    quiet_kafka_logs()
+    try:
+        await serve_webchat(settings, bind or settings.webchat_bind, port or settings.webchat_port)
+    except ChatClientError as exc:
+        fail(str(exc))
+    except OSError as exc:  # e.g. the port is taken
+        fail(f"cannot serve the web chat: {exc}")

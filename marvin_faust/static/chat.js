@@ -1,0 +1,179 @@
+// The web chat page. Plain JavaScript, no build step.
+//
+// Everything Marvin (the model) says is untrusted text: it is only ever put on the page with
+// textContent, never as HTML.
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const els = {
+    conversation: $("conversation"),
+    messages: $("messages"),
+    thinking: $("thinking"),
+    status: $("status"),
+    form: $("composer"),
+    text: $("text"),
+    send: $("send"),
+  };
+  const shown = new Map(); // turn key ("role:timestamp") -> <li>, so no turn shows twice
+  const pending = new Set(); // ids of our messages that wait for a reply
+  const answered = new Set(); // ids that replies named (a reply may beat the POST's answer)
+  let conversationId = null;
+  let justCreated = false;
+
+  const api = (path) => `/api/conversations/${encodeURIComponent(conversationId)}${path}`;
+
+  function conversationFromLocation() {
+    const match = location.pathname.match(/^\/c\/([^/]+)$/);
+    if (match) return decodeURIComponent(match[1]);
+    return new URLSearchParams(location.search).get("c");
+  }
+
+  function showStatus(message) {
+    els.status.textContent = message || "";
+    els.status.hidden = !message;
+  }
+
+  function setReady(ready) {
+    els.text.disabled = !ready;
+    els.send.disabled = !ready;
+    document.body.dataset.ready = String(ready);
+  }
+
+  function updateThinking() {
+    els.thinking.hidden = pending.size === 0;
+  }
+
+  function settle(messageId) {
+    if (!messageId) return;
+    answered.add(messageId);
+    pending.delete(messageId);
+    updateThinking();
+  }
+
+  // Insert a turn in time order (timestamps are nanosecond strings: compare as BigInt).
+  function render(turn) {
+    if (shown.has(turn.key)) return;
+    const item = document.createElement("li");
+    item.className = turn.role === "ai" ? "turn ai" : "turn human";
+    item.dataset.key = turn.key;
+    item.dataset.timestamp = turn.timestamp;
+    const who = document.createElement("span");
+    who.className = "who";
+    who.textContent = turn.role === "ai" ? "Marvin" : "You";
+    const text = document.createElement("p");
+    text.className = "text";
+    text.textContent = turn.text;
+    item.append(who, text);
+    const at = BigInt(turn.timestamp);
+    const next = [...els.messages.children].find((other) => BigInt(other.dataset.timestamp) > at);
+    els.messages.insertBefore(item, next || null);
+    shown.set(turn.key, item);
+    item.scrollIntoView({ block: "end" });
+  }
+
+  async function loadHistory() {
+    const response = await fetch(api("/history"));
+    const body = await response.json().catch(() => ({}));
+    if (response.status === 404) {
+      // A conversation opened a moment ago is not stored until the worker sees its greeting.
+      if (!justCreated) showStatus("Nothing stored for this conversation yet.");
+      return;
+    }
+    if (!response.ok) {
+      showStatus(body.error || `history: HTTP ${response.status}`);
+      return;
+    }
+    showStatus("");
+    for (const turn of body.turns) {
+      render(turn);
+      // The worker stores a message together with its reply: a stored message is answered.
+      if (turn.role === "human") settle(turn.message_id);
+    }
+  }
+
+  function listen() {
+    const events = new EventSource(api("/events"));
+    // "ready" comes once the server is subscribed, also after every reconnection: load the
+    // history then, so nothing sent while the stream was down goes missing.
+    events.addEventListener("ready", async () => {
+      showStatus("");
+      await loadHistory();
+      setReady(true);
+      els.text.focus();
+    });
+    events.addEventListener("reply", (event) => {
+      const turn = JSON.parse(event.data);
+      render(turn);
+      settle(turn.in_reply_to);
+    });
+    events.addEventListener("error", () => {
+      setReady(false);
+      showStatus("Connection to the chat server lost; reconnecting\u2026");
+    });
+  }
+
+  async function openConversation() {
+    const response = await fetch("/api/conversations", { method: "POST" });
+    const body = await response.json().catch(() => ({}));
+    if (!response.ok) throw new Error(body.error || `HTTP ${response.status}`);
+    justCreated = true;
+    conversationId = body.conversation_id;
+    history.replaceState(null, "", `/c/${encodeURIComponent(conversationId)}`);
+    render(body.greeting);
+  }
+
+  async function send(text) {
+    const response = await fetch(api("/messages"), {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ text }),
+    });
+    const body = await response.json().catch(() => ({}));
+    if (!response.ok) {
+      showStatus(body.error || `send: HTTP ${response.status}`);
+      return false;
+    }
+    showStatus("");
+    render(body.turn);
+    if (!answered.has(body.message_id)) pending.add(body.message_id);
+    updateThinking();
+    return true;
+  }
+
+  els.form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const text = els.text.value;
+    if (!text.trim()) return;
+    els.send.disabled = true;
+    try {
+      if (await send(text)) els.text.value = "";
+    } catch (error) {
+      showStatus(`send: ${error.message}`);
+    } finally {
+      els.send.disabled = els.text.disabled;
+      els.text.focus();
+    }
+  });
+
+  els.text.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      els.form.requestSubmit();
+    }
+  });
+
+  async function start() {
+    setReady(false);
+    try {
+      conversationId = conversationFromLocation();
+      if (!conversationId) await openConversation();
+      els.conversation.textContent = `conversation ${conversationId}`;
+      listen();
+    } catch (error) {
+      showStatus(`Cannot open a conversation: ${error.message}`);
+    }
+  }
+
+  start();
+})();
