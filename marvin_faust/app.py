@@ -7,14 +7,17 @@ Run with ``faust -A marvin_faust worker -l info``, ``marvin-faust worker`` or
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 import faust
 from faust.sensors.prometheus import setup_prometheus_sensors
 from mode import Service
 
+from . import patches
 from .llm import ChatBackend, ModelLoadError, create_backend
 from .metrics import REGISTRY
 from .security import CredentialsCheck, broker_credentials
@@ -34,9 +37,54 @@ def _settings_or_exit() -> Settings:
         raise SystemExit(2) from None
 
 
+CLEAN_SHUTDOWN_MARKER = ".clean-shutdown"
+
+
+def discard_unclean_state(tabledir: Path) -> bool:
+    """Drop the local table state unless the last worker here stopped cleanly.
+
+    RocksDB applies a table write at once, before its transaction commits. After a crash the
+    local state can hold turns whose replies were never committed; the agent would then skip
+    those messages as already answered and lose them. The changelog is the truth: without a
+    clean-shutdown marker, recover everything from it. Returns whether state was dropped.
+    """
+    marker = tabledir / CLEAN_SHUTDOWN_MARKER
+    if marker.exists():
+        marker.unlink()  # a crash during this run must be detected next time
+        return False
+    if not tabledir.is_dir() or not any(tabledir.iterdir()):
+        return False
+    for entry in tabledir.iterdir():
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    return True
+
+
+class MarvinApp(faust.App):
+    """faust.App that only trusts local table state left by a clean shutdown."""
+
+    async def on_first_start(self) -> None:
+        await super().on_first_start()
+        if discard_unclean_state(Path(self.conf.tabledir)):
+            log.warning(
+                "The last worker in %s did not stop cleanly: local table state dropped, "
+                "rebuilding it from the changelog",
+                self.conf.tabledir,
+            )
+
+    async def on_shutdown(self) -> None:
+        await super().on_shutdown()
+        # Every child (tables included) has stopped and the last transaction is committed.
+        tabledir = Path(self.conf.tabledir)
+        if tabledir.is_dir():
+            (tabledir / CLEAN_SHUTDOWN_MARKER).touch()
+
+
 def create_app(settings: Settings) -> faust.App:
     stuck_after = settings.model_timeout + PROCESSING_SLACK
-    return faust.App(
+    return MarvinApp(
         settings.app_id,
         broker=settings.broker,
         store=settings.store,
@@ -72,6 +120,8 @@ def create_app(settings: Settings) -> faust.App:
 
 
 settings = _settings_or_exit()
+# Before the worker starts: Faust's exactly_once recovery after a rebalance (patches.py).
+patches.apply()
 app = create_app(settings)
 # Started before Faust's own Kafka clients: rejected credentials stop the start with one line.
 app.add_dependency(CredentialsCheck(settings))
