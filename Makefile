@@ -33,8 +33,18 @@ broker-status:
 run: broker-start
 	MARVIN_BROKER=kafka://127.0.0.1:$(KAFKA_PORT) $(BIN)/faust -A marvin_faust worker -l info
 
+# Debian's headless Chromium for the web chat's browser test (Playwright drives it and never
+# downloads a browser of its own); installed only when missing, with sudo unless root.
+.PHONY: browser
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$SUDO apt-get update && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
+	fi
+
 # The whole suite, including the tests against a real broker (started by the tests themselves).
-test: install
+test: install browser
 	$(BIN)/ruff check marvin_faust tests
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
