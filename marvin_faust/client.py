@@ -25,6 +25,7 @@ from .models import (
     new_message_id,
     parse_chat_message,
 )
+from .security import aiokafka_options, credentials_problem
 from .settings import Settings
 
 TOPIC_WAIT_SECONDS = 10.0
@@ -57,8 +58,12 @@ class ChatClient:
     def __init__(self, settings: Settings, *, listen: bool = True) -> None:
         self.settings = settings
         self._sent: dict[str, None] = {}  # insertion-ordered set of our own message ids
+        security = aiokafka_options(settings)
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers, acks="all", enable_idempotence=True
+            bootstrap_servers=settings.bootstrap_servers,
+            acks="all",
+            enable_idempotence=True,
+            **security,
         )
         self._consumer = (
             AIOKafkaConsumer(
@@ -66,7 +71,9 @@ class ChatClient:
                 group_id=None,
                 enable_auto_commit=False,
                 auto_offset_reset="latest",
+                # the worker replies inside Kafka transactions: never show an aborted one
                 isolation_level="read_committed",
+                **security,
             )
             if listen
             else None
@@ -80,8 +87,10 @@ class ChatClient:
                 await self._listen_from_end(self.settings.replies_to)
         except (KafkaConnectionError, KafkaTimeoutError) as exc:
             await self.__aexit__(None, None, None)
+            # aiokafka reports a rejected login as a failure to connect: say which it was.
+            problem = await credentials_problem(self.settings)
             raise ChatClientError(
-                f"cannot reach Kafka at {self.settings.bootstrap_servers}: {exc}"
+                problem or f"cannot reach Kafka at {self.settings.bootstrap_servers}: {exc}"
             ) from None
         except BaseException:
             await self.__aexit__(None, None, None)
