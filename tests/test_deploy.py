@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -58,19 +60,31 @@ def http_get(url: str) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read() or b"{}")
 
 
-def test_procfile_runs_the_worker_with_the_platform_port():
+def test_procfile_runs_the_worker_and_the_web_chat_on_the_platform_port():
     entries = procfile_entries()
-    assert entries["worker"] == "faust -A marvin_faust worker -l info --web-port $PORT"
-    for command in entries.values():
-        assert re.match(r"(faust -A marvin_faust|marvin-faust) \S+", command), command
+    assert entries == {
+        "worker": "faust -A marvin_faust worker -l info --web-port $PORT",
+        "web": "marvin-faust webchat --port $PORT",
+    }
+
+
+def two_free_ports_100_apart() -> int:
+    """A port p with p and p + 100 free: honcho gives the second process PORT + 100."""
+    for _ in range(50):
+        [port] = free_ports()
+        if port + 100 <= 65535:
+            with contextlib.suppress(OSError), socket.socket() as sock:
+                sock.bind(("127.0.0.1", port + 100))
+                return port
+    raise AssertionError("no two free ports 100 apart")
 
 
 @pytest.mark.timeout(300)
-def test_honcho_starts_the_procfile_worker_and_stops_it_cleanly(kafka_broker, tmp_path):
+def test_honcho_starts_the_procfile_and_stops_it_cleanly(kafka_broker, tmp_path):
     assert HONCHO.exists(), "honcho is in the test extra: pip install -e '.[test]'"
     suffix = uuid.uuid4().hex[:8]
     app_id = f"marvin-procfile-{suffix}"
-    [port] = free_ports()
+    port = two_free_ports_100_apart()
     empty_env_file = tmp_path / "empty.env"
     empty_env_file.write_text("")  # not the developer's .env
     env = {
@@ -83,13 +97,13 @@ def test_honcho_starts_the_procfile_worker_and_stops_it_cleanly(kafka_broker, tm
         "MARVIN_BACKEND": "standin",
         "MARVIN_DATA_DIR": str(tmp_path / "state"),
         "PORT": str(port),
+        "MARVIN_WORKER_URL": f"http://127.0.0.1:{port}",  # the web chat reads history there
     }
     env.pop("MARVIN_WEB_PORT", None)  # the port must come from the Procfile's $PORT
     log_path = tmp_path / "honcho.log"
-    only_worker = ["worker"] if "web" in procfile_entries() else []
     with log_path.open("w") as log:
         honcho = subprocess.Popen(
-            [str(HONCHO), "-f", str(PROCFILE), "-e", str(empty_env_file), "start", *only_worker],
+            [str(HONCHO), "-f", str(PROCFILE), "-e", str(empty_env_file), "start"],
             cwd=REPO,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -112,8 +126,20 @@ def test_honcho_starts_the_procfile_worker_and_stops_it_cleanly(kafka_broker, tm
             time.sleep(0.5)
         assert status == 200, (body, log_path.read_text()[-3000:])
         assert http_get(f"{base}/health/") == (200, {"status": "ok"})
+        web = f"http://127.0.0.1:{port + 100}/"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(web, timeout=10) as response:
+                    page = response.read().decode()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.5)
+        assert "<html" in page.lower()
         running = processes_with_env("MARVIN_APP_ID", app_id).values()
         assert any("faust -A marvin_faust worker" in line for line in running), running
+        assert any("marvin-faust webchat" in line for line in running), running
 
         honcho.send_signal(signal.SIGTERM)
         assert honcho.wait(60) is not None
@@ -123,6 +149,7 @@ def test_honcho_starts_the_procfile_worker_and_stops_it_cleanly(kafka_broker, tm
             honcho.wait()
     output = log_path.read_text(errors="replace")
     assert re.search(r"worker\.1\s*\| .*\[\^Worker\]: Ready", output), output[-3000:]
+    assert re.search(r"web\.1\s*\| ", output), output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     # honcho stopped the worker: nothing with this app id is left running
     deadline = time.monotonic() + 30
