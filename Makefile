@@ -8,8 +8,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 KAFKA_PORT ?= 9092
 PYTEST_ARGS ?=
+BENCH_STAMP := $(VENV)/.bench-installed
+BENCH_ARGS ?=
 
-.PHONY: install run test lint broker-start broker-stop broker-status clean
+.PHONY: install run test lint bench broker-start broker-stop broker-status clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +21,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --progress-bar off -e '.[offline,test,bench]'
+	touch $(BENCH_STAMP)
 
 broker-start: install
 	$(BIN)/marvin-faust broker start --port $(KAFKA_PORT)
@@ -45,12 +51,17 @@ browser:
 
 # The whole suite, including the tests against a real broker (started by the tests themselves).
 test: install browser
-	$(BIN)/ruff check marvin_faust tests
+	$(BIN)/ruff check marvin_faust tests bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check marvin_faust tests
-	$(BIN)/ruff format --check marvin_faust tests
+	$(BIN)/ruff check marvin_faust tests bench
+	$(BIN)/ruff format --check marvin_faust tests bench
+
+# Benchmarks on a broker and workers of their own (bench/README.md); BENCH_ARGS=--quick for a
+# short run. Writes bench/results/ and prints the table.
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean: broker-stop
 	rm -rf .state .kafka/data .kafka/logs

@@ -1,0 +1,132 @@
+"""Recovery: a worker with an empty state directory rebuilds the history table from its
+changelog, then answers the next message.
+
+The changelog is filled directly, in the table's own format: topic
+``<app id>-conversation-history-changelog``, key = the conversation id's UTF-8 bytes, value =
+the JSON list of turns, partition = the chat topic's for that key (the producer's default
+murmur2 partitioner over the same partition count). A first worker, started on an empty
+changelog, creates the topics and is the baseline. Each later worker starts with a new, empty
+data dir while a human message to one recovered conversation already waits on the chat topic:
+its reply (the stand-in echoes its prompt) must hold that conversation's stored turns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from marvin_faust.conversation import Turn, make_turn
+
+from .driver import Driver
+from .harness import Cluster
+
+
+def changelog_topic(app_id: str) -> str:
+    return f"{app_id}-conversation-history-changelog"
+
+
+def stored_turns(cid: str, count: int) -> list[Turn]:
+    """A conversation's history: alternating human / AI turns, distinct texts."""
+    now = time.time_ns()
+    return [
+        make_turn(
+            "human" if index % 2 == 0 else "AI",
+            f"turn {index} of {cid[:8]}: some words about the weather and the futility of it",
+            now + index,
+            str(uuid.uuid4()),
+        )
+        for index in range(count)
+    ]
+
+
+async def fill_changelog(bootstrap: str, topic: str, cids: list[str], turns: int) -> int:
+    """Write one history record per conversation; returns the bytes written."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks="all")
+    await producer.start()
+    written = 0
+    try:
+        for cid in cids:
+            value = json.dumps(stored_turns(cid, turns), separators=(",", ":")).encode()
+            written += len(value)
+            await producer.send(topic, key=cid.encode(), value=value)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    return written
+
+
+@dataclass
+class RecoveryResult:
+    conversations: int
+    changelog_bytes: int
+    seconds_to_ready_line: float
+    seconds_to_answer: float
+    history_recovered: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "conversations": self.conversations,
+            "changelog_mib": round(self.changelog_bytes / 2**20, 2),
+            "seconds_to_ready_line": round(self.seconds_to_ready_line, 2),
+            "seconds_to_answer": round(self.seconds_to_answer, 2),
+            "history_recovered": self.history_recovered,
+        }
+
+
+def start_and_ask(
+    cluster: Cluster, env: dict[str, str], name: str, cid: str, expect: str | None
+) -> tuple[float, float, bool]:
+    """Start a worker on an empty data dir with a message to ``cid`` already waiting.
+
+    Returns (seconds to the Ready line, seconds to the reply, whether the reply holds
+    ``expect``), both from the moment the process is started.
+    """
+    worker = cluster.worker(env, name, wait=False)
+
+    async def run() -> tuple[float, float, bool]:
+        async with Driver(cluster.bootstrap, env["MARVIN_TOPIC"], "read_committed") as driver:
+            reply_future = await driver.send(cid, "What do you remember?")
+            await driver.flush()
+            started = time.perf_counter()
+            await asyncio.to_thread(worker.start, 600)
+            ready = time.perf_counter() - started
+            reply = await asyncio.wait_for(reply_future, 600)
+            answered = reply.received_at - started
+        held = expect is None or expect in reply.value["text"]
+        return ready, answered, held
+
+    try:
+        return asyncio.run(run())
+    finally:
+        worker.stop()
+
+
+def recovery(
+    cluster: Cluster, sizes: list[int], turns: int
+) -> tuple[RecoveryResult, list[RecoveryResult]]:
+    """The baseline (empty changelog) and one result per size (cumulative fills)."""
+    env = cluster.app_env("recovery")
+    ready, answered, _ = start_and_ask(cluster, env, "recovery-empty", str(uuid.uuid4()), None)
+    baseline = RecoveryResult(0, 0, ready, answered, True)
+
+    topic = changelog_topic(env["MARVIN_APP_ID"])
+    cids: list[str] = []
+    written = 0
+    results = []
+    for size in sorted(sizes):
+        new = [str(uuid.uuid4()) for _ in range(size - len(cids))]
+        written += asyncio.run(fill_changelog(cluster.bootstrap, topic, new, turns))
+        cids += new
+        probe = cids[len(cids) // 2]
+        last_turn = stored_turns(probe, turns)[-1]["text"]
+        ready, answered, held = start_and_ask(
+            cluster, env, f"recovery-{size}", probe, expect=last_turn
+        )
+        results.append(RecoveryResult(size, written, ready, answered, held))
+    return baseline, results
