@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect, sync_playwright
 
 from tests.kafka_fixtures import free_ports
 
@@ -41,9 +42,6 @@ GREETING = "Hello, my name is Marvin. What do you want?"
 WAIT_MS = 120_000  # any one step in the browser: the machine is shared and slow
 INJECTION = '<img src=x onerror="window.__pwned = true">'
 TOKEN = "webchat-test-token"
-
-sync_api = pytest.importorskip("playwright.sync_api")
-expect = sync_api.expect
 
 
 def http(method: str, url: str, body: dict | None = None) -> tuple[int, dict]:
@@ -103,7 +101,7 @@ class WebChat:
 def browser() -> Iterator:
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: run `make browser` (Debian's chromium package)")
-    with sync_api.sync_playwright() as playwright:
+    with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             yield browser
