@@ -87,6 +87,19 @@ async def ready(view: View, request: Request) -> Response:
     return view.json({"status": "ready", "backend": backend.name})
 
 
+@app.task
+async def load_routing_metadata() -> None:
+    """Give table_route the changelog's partitions before the first request.
+
+    table_route hashes a key with the app producer's metadata. Under exactly_once that producer
+    never writes the changelog (transactional producers do), so it would not know the topic and
+    every routed request would fail with a TypeError. Ask for the partitions once; aiokafka keeps
+    them fresh from then on. (Faust offers no public call for this.)
+    """
+    producer = app.producer._ensure_producer()
+    await producer.partitions_for(history.changelog_topic.get_topic_name())
+
+
 @app.timer(interval=10.0)
 async def count_conversations() -> None:
     metrics.ACTIVE_CONVERSATIONS.set(len(history))
