@@ -76,7 +76,12 @@ class MarvinApp(faust.App):
 
     async def on_shutdown(self) -> None:
         await super().on_shutdown()
-        # Every child (tables included) has stopped and the last transaction is committed.
+        # Every child (tables included) has stopped. A consumer that crashed on the way (seen:
+        # Faust's last exactly_once commit failing with "Not in the middle of a transaction")
+        # leaves an aborted transaction behind: then the stop was not clean.
+        if self.crashed or self.consumer.crashed:
+            log.warning("Stopped after a crash: the next start rebuilds the tables")
+            return
         tabledir = Path(self.conf.tabledir)
         if tabledir.is_dir():
             (tabledir / CLEAN_SHUTDOWN_MARKER).touch()
