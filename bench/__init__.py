@@ -13,6 +13,7 @@ import tempfile
 for _name, _value in {
     "MARVIN_BACKEND": "standin",
     "MARVIN_STORE": "memory://",
-    "MARVIN_DATA_DIR": tempfile.mkdtemp(prefix="marvin-bench-import-"),
+    # Never written: the bench process builds the app but does not run it.
+    "MARVIN_DATA_DIR": os.path.join(tempfile.gettempdir(), "marvin-bench-unused"),
 }.items():
     os.environ.setdefault(_name, _value)

@@ -60,6 +60,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-concurrency", type=int, default=1, help="in flight at once")
     parser.add_argument("--throughput-messages", type=int, help="per case (at least 1 each)")
     parser.add_argument("--throughput-conversations", help="comma-separated conversation counts")
+    parser.add_argument(
+        "--throughput-guarantees",
+        help="processing guarantees to run the worker's throughput with (default: its own)",
+    )
     parser.add_argument("--profile-seconds", type=float)
     parser.add_argument("--recovery-sizes", help="comma-separated conversation counts")
     parser.add_argument("--recovery-turns", type=int, default=10, help="turns per conversation")
@@ -77,6 +81,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     args.throughput_conversations = _ints(args.throughput_conversations)
+    args.throughput_guarantees = [
+        g.strip()
+        for g in (args.throughput_guarantees or load_settings().processing_guarantee).split(",")
+        if g.strip()
+    ]
     args.recovery_sizes = _ints(args.recovery_sizes)
     return args
 
@@ -172,22 +181,26 @@ def run_throughput(cluster: Cluster, args: argparse.Namespace, out: dict[str, An
         cases = cases_on(loop.topic, loop.process.pid)
         rows.append({"path": "bare aiokafka loop", "guarantee": guarantee, "cases": cases})
         loop.stop()
-    guarantee = load_settings().processing_guarantee
-    say(f"throughput: minimal Faust agent, {guarantee}")
-    env = cluster.app_env("faust-loop")
-    faust_loop = cluster.faust_loop(env, "throughput-faust-loop")
-    assert faust_loop.process is not None
-    cases = cases_on(env["MARVIN_TOPIC"], faust_loop.process.pid)
-    rows.append({"path": "minimal Faust agent", "guarantee": guarantee, "cases": cases})
-    faust_loop.stop()
-    say(f"throughput: worker, {guarantee}")
-    env = cluster.app_env("throughput")
-    worker = cluster.worker(env, "throughput")
-    assert worker.process is not None
-    cases = cases_on(env["MARVIN_TOPIC"], worker.process.pid)
-    rows.append({"path": "worker", "guarantee": guarantee, "cases": cases})
-    out["worker_peak_rss_kib"] = harness.proc_status_kib(worker.process.pid, "VmHWM")
-    worker.stop()
+    for guarantee in args.throughput_guarantees:
+        say(f"throughput: minimal Faust agent, {guarantee}")
+        env = cluster.app_env("faust-loop")
+        env["MARVIN_PROCESSING_GUARANTEE"] = guarantee
+        faust_loop = cluster.faust_loop(env, "throughput-faust-loop")
+        assert faust_loop.process is not None
+        cases = cases_on(env["MARVIN_TOPIC"], faust_loop.process.pid)
+        rows.append({"path": "minimal Faust agent", "guarantee": guarantee, "cases": cases})
+        faust_loop.stop()
+        say(f"throughput: worker, {guarantee}")
+        env = cluster.app_env("throughput")
+        env["MARVIN_PROCESSING_GUARANTEE"] = guarantee
+        worker = cluster.worker(env, "throughput")
+        assert worker.process is not None
+        cases = cases_on(env["MARVIN_TOPIC"], worker.process.pid)
+        rows.append({"path": "worker", "guarantee": guarantee, "cases": cases})
+        out.setdefault("worker_peak_rss_kib", {})[guarantee] = harness.proc_status_kib(
+            worker.process.pid, "VmHWM"
+        )
+        worker.stop()
 
 
 def run_profile(cluster: Cluster, args: argparse.Namespace, out: dict[str, Any]) -> None:
