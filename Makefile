@@ -26,8 +26,10 @@ $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install --progress-bar off -e '.[offline,test,bench]'
 	touch $(BENCH_STAMP)
 
+# Idempotent: a broker already running in .kafka is reused.
 broker-start: install
-	$(BIN)/marvin-faust broker start --port $(KAFKA_PORT)
+	$(BIN)/marvin-faust broker status | grep -q '^running' \
+		|| $(BIN)/marvin-faust broker start --port $(KAFKA_PORT)
 
 broker-stop:
 	$(BIN)/marvin-faust broker stop
