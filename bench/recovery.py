@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaProducer
 from marvin_faust.conversation import Turn, make_turn
 
 from .driver import Driver
-from .harness import Cluster
+from .harness import Cluster, http_get
 
 
 def changelog_topic(app_id: str) -> str:
@@ -66,40 +66,58 @@ class RecoveryResult:
     conversations: int
     changelog_bytes: int
     seconds_to_ready_line: float
-    seconds_to_answer: float
+    seconds_to_answer: float | None  # None: no answer within the wait
     history_recovered: bool
+    note: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "conversations": self.conversations,
             "changelog_mib": round(self.changelog_bytes / 2**20, 2),
             "seconds_to_ready_line": round(self.seconds_to_ready_line, 2),
-            "seconds_to_answer": round(self.seconds_to_answer, 2),
+            "seconds_to_answer": None
+            if self.seconds_to_answer is None
+            else round(self.seconds_to_answer, 2),
             "history_recovered": self.history_recovered,
+            "note": self.note,
         }
 
 
 def start_and_ask(
-    cluster: Cluster, env: dict[str, str], name: str, cid: str, expect: str | None
-) -> tuple[float, float, bool]:
+    cluster: Cluster,
+    env: dict[str, str],
+    name: str,
+    cid: str,
+    expect: str | None,
+    answer_wait: float,
+) -> tuple[float, float | None, bool, str]:
     """Start a worker on an empty data dir with a message to ``cid`` already waiting.
 
-    Returns (seconds to the Ready line, seconds to the reply, whether the reply holds
-    ``expect``), both from the moment the process is started.
+    Returns (seconds to the Ready line, seconds to the reply or None if none came within
+    ``answer_wait`` s after Ready, whether the reply holds ``expect``, a note), times from the
+    moment the process is started.
     """
     worker = cluster.worker(env, name, wait=False)
 
-    async def run() -> tuple[float, float, bool]:
+    async def run() -> tuple[float, float | None, bool, str]:
         async with Driver(cluster.bootstrap, env["MARVIN_TOPIC"], "read_committed") as driver:
             reply_future = await driver.send(cid, "What do you remember?")
             await driver.flush()
             started = time.perf_counter()
             await asyncio.to_thread(worker.start, 600)
             ready = time.perf_counter() - started
-            reply = await asyncio.wait_for(reply_future, 600)
+            try:
+                reply = await asyncio.wait_for(reply_future, answer_wait)
+            except TimeoutError:
+                _, metrics = await asyncio.to_thread(http_get, f"{worker.url}/metrics")
+                received = [
+                    line for line in metrics.splitlines() if line.startswith("faust_messages_rec")
+                ]
+                note = f"no answer {answer_wait:g} s after Ready; {'; '.join(received)}"
+                return ready, None, False, note
             answered = reply.received_at - started
         held = expect is None or expect in reply.value["text"]
-        return ready, answered, held
+        return ready, answered, held, ""
 
     try:
         return asyncio.run(run())
@@ -108,12 +126,14 @@ def start_and_ask(
 
 
 def recovery(
-    cluster: Cluster, sizes: list[int], turns: int
+    cluster: Cluster, sizes: list[int], turns: int, answer_wait: float = 120.0
 ) -> tuple[RecoveryResult, list[RecoveryResult]]:
     """The baseline (empty changelog) and one result per size (cumulative fills)."""
     env = cluster.app_env("recovery")
-    ready, answered, _ = start_and_ask(cluster, env, "recovery-empty", str(uuid.uuid4()), None)
-    baseline = RecoveryResult(0, 0, ready, answered, True)
+    ready, answered, held, note = start_and_ask(
+        cluster, env, "recovery-empty", str(uuid.uuid4()), None, answer_wait
+    )
+    baseline = RecoveryResult(0, 0, ready, answered, held, note)
 
     topic = changelog_topic(env["MARVIN_APP_ID"])
     cids: list[str] = []
@@ -125,8 +145,8 @@ def recovery(
         cids += new
         probe = cids[len(cids) // 2]
         last_turn = stored_turns(probe, turns)[-1]["text"]
-        ready, answered, held = start_and_ask(
-            cluster, env, f"recovery-{size}", probe, expect=last_turn
+        ready, answered, held, note = start_and_ask(
+            cluster, env, f"recovery-{size}", probe, last_turn, answer_wait
         )
-        results.append(RecoveryResult(size, written, ready, answered, held))
+        results.append(RecoveryResult(size, written, ready, answered, held, note))
     return baseline, results

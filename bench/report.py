@@ -234,18 +234,23 @@ def _recovery(section: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     base = rows[0]["seconds_to_answer"]
-    table = [
-        [
-            row["conversations"],
-            row["changelog_mib"],
-            row["seconds_to_ready_line"],
-            row["seconds_to_answer"],
-            round(row["seconds_to_answer"] - base, 2),
-            _ratio(row["seconds_to_answer"], base),
-            "yes" if row["history_recovered"] else "NO",
-        ]
-        for row in rows
-    ]
+    table = []
+    notes = []
+    for row in rows:
+        answered = row["seconds_to_answer"]
+        table.append(
+            [
+                row["conversations"],
+                row["changelog_mib"],
+                row["seconds_to_ready_line"],
+                answered if answered is not None else "no answer",
+                round(answered - base, 2) if answered is not None and base is not None else None,
+                _ratio(answered, base),
+                "yes" if row["history_recovered"] else "NO",
+            ]
+        )
+        if row.get("note"):
+            notes.append(f"- {row['conversations']:,} conversations: {row['note']}")
     return [
         "## 4. Recovery",
         "",
@@ -266,6 +271,7 @@ def _recovery(section: dict[str, Any]) -> list[str]:
             ],
             table,
         ),
+        *([*notes, ""] if notes else []),
     ]
 
 
