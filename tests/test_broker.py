@@ -157,7 +157,8 @@ def test_faust_worker_forwards_between_topics(kafka_broker, tmp_path):
     command = [sys.executable, "-m", "faust", "-A", "tests.faust_roundtrip_app", "worker"]
     with log_path.open("w") as log:
         worker = subprocess.Popen(
-            [*command, "-l", "info"],
+            # no web server: port 6066 may be taken by a worker running beside the tests
+            [*command, "-l", "info", "--without-web"],
             cwd=REPO,
             env=env,
             stdin=subprocess.DEVNULL,
