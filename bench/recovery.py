@@ -8,6 +8,13 @@ murmur2 partitioner over the same partition count). A first worker, started on a
 changelog, creates the topics and is the baseline. Each later worker starts with a new, empty
 data dir while a human message to one recovered conversation already waits on the chat topic:
 its reply (the stand-in echoes its prompt) must hold that conversation's stored turns.
+
+The first worker also answers one message on every chat partition, so that the consumer group
+has a committed offset everywhere before the recovery runs. Without that, a waiting message on
+a partition with no committed offset yet was never answered (seen 2 times in 3 full runs: the
+worker's fetcher read it while the table was still recovering, and Faust's seek to the
+committed offsets afterwards left that partition alone); that is a defect of its own, not a
+recovery time.
 """
 
 from __future__ import annotations
@@ -20,11 +27,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 
 from marvin_faust.conversation import Turn, make_turn
 
 from .driver import Driver
 from .harness import Cluster, http_get
+
+
+def one_id_per_partition(partitions: int) -> list[str]:
+    """Conversation ids whose keys the default partitioner puts on partitions 0, 1, ..."""
+    partitioner = DefaultPartitioner()
+    found: dict[int, str] = {}
+    every = list(range(partitions))
+    while len(found) < partitions:
+        cid = str(uuid.uuid4())
+        found.setdefault(partitioner(cid.encode(), every, every), cid)
+    return [found[p] for p in every]
 
 
 def changelog_topic(app_id: str) -> str:
@@ -90,6 +109,7 @@ def start_and_ask(
     cid: str,
     expect: str | None,
     answer_wait: float,
+    also_ask: tuple[str, ...] = (),
 ) -> tuple[float, float | None, bool, str]:
     """Start a worker on an empty data dir with a message to ``cid`` already waiting.
 
@@ -116,6 +136,8 @@ def start_and_ask(
                 note = f"no answer {answer_wait:g} s after Ready; {'; '.join(received)}"
                 return ready, None, False, note
             answered = reply.received_at - started
+            for other in also_ask:  # untimed: they only make the worker commit offsets
+                await driver.ask(other, "And you?", timeout=answer_wait)
         held = expect is None or expect in reply.value["text"]
         return ready, answered, held, ""
 
@@ -130,8 +152,9 @@ def recovery(
 ) -> tuple[RecoveryResult, list[RecoveryResult]]:
     """The baseline (empty changelog) and one result per size (cumulative fills)."""
     env = cluster.app_env("recovery")
+    first, *others = one_id_per_partition(cluster.partitions)
     ready, answered, held, note = start_and_ask(
-        cluster, env, "recovery-empty", str(uuid.uuid4()), None, answer_wait
+        cluster, env, "recovery-empty", first, None, answer_wait, tuple(others)
     )
     baseline = RecoveryResult(0, 0, ready, answered, held, note)
 
