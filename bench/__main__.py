@@ -58,7 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-messages", type=int)
     parser.add_argument("--latency-conversations", type=int)
     parser.add_argument("--latency-concurrency", type=int, default=1, help="in flight at once")
-    parser.add_argument("--throughput-messages", type=int, help="per case (at least 1 each)")
+    parser.add_argument(
+        "--throughput-messages", type=int, help="per case (at least one per conversation)"
+    )
     parser.add_argument("--throughput-conversations", help="comma-separated conversation counts")
     parser.add_argument(
         "--throughput-guarantees",

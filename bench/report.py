@@ -51,8 +51,8 @@ def markdown(document: dict[str, Any]) -> str:
         ("latency", _latency),
         ("throughput", _throughput),
         ("model", _model),
-        ("memory", _memory),
         ("recovery", _recovery),
+        ("memory", _memory),
         ("profile", _profile),
     ):
         section = results.get(name) if name != "memory" else results
@@ -188,7 +188,9 @@ def _model(section: dict[str, Any]) -> list[str]:
         "",
         f"Offline Gemma 3 270M ({section['model_file_bytes'] / 2**20:.0f} MiB GGUF), same "
         f'prompt ("{section["prompt"]}"), seed and max_tokens on every side, one warm-up '
-        "generation each. Efficiency = tokens/s / direct tokens/s (the limit is 1.0). The "
+        "generation each, rounds interleaved across the sides. Efficiency = tokens/s / "
+        "direct tokens/s: the limit is 1.0, and a figure above it is noise (the direct side "
+        "runs in the bench process, beside its Kafka client). The "
         "worker's first-token time is the mean of its "
         "`marvin_model_time_to_first_token_seconds` histogram over the measured replies.",
         "",
