@@ -34,6 +34,7 @@ from .models import (
     MESSAGE_ID_HEADER,
     BadMessage,
     ChatMessage,
+    header_pairs,
     header_value,
     make_message,
     new_message_id,
@@ -141,7 +142,7 @@ async def dead_letter(
     key: bytes | None, value: bytes | None, headers: Any, reason: str, source: str
 ) -> None:
     log.warning("Dead-lettering %s: %s", source, reason)
-    kept = [(k, v) for k, v in _header_pairs(headers) if k not in (REASON_HEADER, SOURCE_HEADER)]
+    kept = [(k, v) for k, v in header_pairs(headers) if k not in (REASON_HEADER, SOURCE_HEADER)]
     await dead_letter_topic.send(
         key=key,
         value=value,
@@ -151,9 +152,3 @@ async def dead_letter(
 
 def _source(message: Any) -> str:
     return f"{message.topic}/{message.partition}@{message.offset}"
-
-
-def _header_pairs(headers: Any) -> list[tuple[str, bytes]]:
-    if not headers:
-        return []
-    return list(headers.items() if isinstance(headers, dict) else headers)

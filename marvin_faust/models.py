@@ -99,14 +99,20 @@ def parse_chat_message(value: bytes | None, *, max_text_chars: int) -> ChatMessa
     return ChatMessage(**{field: document[field] for field in _REQUIRED})
 
 
-def header_value(
-    headers: Mapping[str, bytes] | Sequence[tuple[str, bytes]] | None, name: str
-) -> str | None:
-    """The first header ``name`` decoded as UTF-8, or None when absent or undecodable."""
+Headers = Mapping[str, bytes] | Sequence[tuple[str, bytes]] | None
+
+
+def header_pairs(headers: Headers) -> list[tuple[str, bytes]]:
+    """Kafka headers as ``(name, value)`` pairs, whether they came as a list or a dict."""
     if not headers:
-        return None
+        return []
     pairs: Any = headers.items() if isinstance(headers, Mapping) else headers
-    for key, raw in pairs:
+    return list(pairs)
+
+
+def header_value(headers: Headers, name: str) -> str | None:
+    """The first header ``name`` decoded as UTF-8, or None when absent or undecodable."""
+    for key, raw in header_pairs(headers):
         if key == name and raw is not None:
             try:
                 return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)

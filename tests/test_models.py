@@ -2,7 +2,13 @@ import json
 
 import pytest
 
-from marvin_faust.models import BadMessage, header_value, make_message, parse_chat_message
+from marvin_faust.models import (
+    BadMessage,
+    header_pairs,
+    header_value,
+    make_message,
+    parse_chat_message,
+)
 
 WIRE = {
     "uuid": "c-1",
@@ -59,3 +65,9 @@ def test_header_value_reads_lists_and_dicts():
     assert header_value({"uuid": b"m-2"}, "uuid") == "m-2"
     assert header_value([("uuid", b"\xff")], "uuid") is None
     assert header_value(None, "uuid") is None
+
+
+def test_header_pairs_reads_lists_and_dicts():
+    assert header_pairs([("a", b"1"), ("a", b"2")]) == [("a", b"1"), ("a", b"2")]
+    assert header_pairs({"uuid": b"m-2"}) == [("uuid", b"m-2")]
+    assert header_pairs(None) == []
