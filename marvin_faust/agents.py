@@ -40,6 +40,7 @@ from .models import (
     new_message_id,
     parse_chat_message,
 )
+from .patches import writes_of_one_event
 from .tables import history
 from .topics import chat_topic, dead_letter_topic, reply_topic
 
@@ -78,7 +79,7 @@ async def handle(key: bytes | None, value: bytes | None, headers: Any, *, source
         if key is None or key.decode("utf-8", errors="replace") != chat.conversation_id:
             raise BadMessage("the record key must be the conversation_id")
         if chat.role == settings.ai_role:
-            return record_greeting(chat, header_value(headers, MESSAGE_ID_HEADER))
+            return await record_greeting(chat, header_value(headers, MESSAGE_ID_HEADER))
         if chat.role != settings.human_role:
             raise BadMessage(f"unknown role {chat.role!r}")
         return await reply_to(chat, header_value(headers, MESSAGE_ID_HEADER))
@@ -94,11 +95,14 @@ async def handle(key: bytes | None, value: bytes | None, headers: Any, *, source
     return Outcome.DEAD_LETTERED
 
 
-def record_greeting(chat: ChatMessage, message_id: str | None) -> Outcome:
+async def record_greeting(chat: ChatMessage, message_id: str | None) -> Outcome:
     """Store the bot's opening line; every other AI message is the bot's own reply: dropped."""
     if history[chat.conversation_id]:
         return Outcome.DROPPED
-    history[chat.conversation_id] = [make_turn(chat.role, chat.text, chat.Timestamp, message_id)]
+    async with writes_of_one_event(app):
+        history[chat.conversation_id] = [
+            make_turn(chat.role, chat.text, chat.Timestamp, message_id)
+        ]
     return Outcome.GREETING
 
 
@@ -116,18 +120,21 @@ async def reply_to(chat: ChatMessage, message_id: str | None) -> Outcome:
     metrics.observe_generation(generation)
     reply = make_message(cid, settings.ai_role, generation.text or EMPTY_REPLY)
     reply_id = new_message_id()
-    history[cid] = append_turns(
-        past,
-        [
-            make_turn(chat.role, chat.text, chat.Timestamp, message_id),
-            make_turn(reply.role, reply.text, reply.Timestamp, reply_id),
-        ],
-        settings.max_stored_turns,
-    )
     headers = [(MESSAGE_ID_HEADER, reply_id.encode())]
     if message_id:
         headers.append((IN_REPLY_TO_HEADER, message_id.encode()))
-    await reply_topic.send(key=cid.encode(), value=reply.to_bytes(), headers=headers)
+    # The stored turns and the reply commit together or not at all: the history is what
+    # tells a redelivered message it was answered.
+    async with writes_of_one_event(app):
+        history[cid] = append_turns(
+            past,
+            [
+                make_turn(chat.role, chat.text, chat.Timestamp, message_id),
+                make_turn(reply.role, reply.text, reply.Timestamp, reply_id),
+            ],
+            settings.max_stored_turns,
+        )
+        await reply_topic.send(key=cid.encode(), value=reply.to_bytes(), headers=headers)
     log.info(
         "Answered %s in %.2fs (%d tokens, %.1f tokens/s)",
         cid,

@@ -15,6 +15,8 @@ import time
 import uuid
 
 import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 
 from tests.kafka_fixtures import make_broker
 from tests.verifier import Sent, human_message, replies_by_message, verify
@@ -56,7 +58,11 @@ def wait_answered(env: dict, messages: list[Sent], timeout: float = 240.0) -> fl
         if not missing:
             return time.monotonic() - started
         if time.monotonic() - started > timeout:
-            raise AssertionError(f"{len(missing)} of {len(wanted)} messages still unanswered")
+            unanswered = sorted({m.cid for m in messages if m.message_id in missing})
+            raise AssertionError(
+                f"{len(missing)} of {len(wanted)} messages still unanswered, in conversations "
+                f"{', '.join(unanswered)}"
+            )
         time.sleep(1.0)
 
 
@@ -149,6 +155,87 @@ def test_local_state_deleted_while_down_is_rebuilt_identically(start_worker, wor
         assert all(line in reply["text"].splitlines() for line in earlier), reply["text"]
         assert reply["text"].endswith("human: after the wipe")
     check(env, first + second, "state dir deleted", resume_s=round(resumed, 1))
+
+
+def one_conversation_per_partition(partitions: int) -> list[str]:
+    """Conversation ids that the default partitioner puts on partitions 0, 1, ..."""
+    partitioner = DefaultPartitioner()
+    every = list(range(partitions))
+    found: dict[int, str] = {}
+    while len(found) < partitions:
+        cid = str(uuid.uuid4())
+        found.setdefault(partitioner(cid.encode(), every, every), cid)
+    return [found[p] for p in every]
+
+
+async def write_histories(bootstrap: str, topic: str, histories: dict[str, list[dict]]) -> None:
+    """Table records as a worker writes them (key: conversation id, value: JSON turns), then
+    the same again in a transaction that aborts, as a worker killed before its commit leaves."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20)
+    aborted = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=str(uuid.uuid4()))
+    await producer.start()
+    await aborted.start()
+    try:
+        for cid, turns in histories.items():
+            await producer.send(topic, key=cid.encode(), value=json.dumps(turns).encode())
+        await producer.flush()
+        await aborted.begin_transaction()
+        for cid in histories:
+            await aborted.send(topic, key=cid.encode(), value=b"[]")
+        await aborted.flush()
+        await aborted.abort_transaction()
+    finally:
+        await producer.stop()
+        await aborted.stop()
+
+
+def test_waiting_messages_on_never_committed_partitions_survive_recovery(
+    start_worker, worker_env, tmp_path
+):
+    """A worker that recovers its table while messages wait on partitions that have no
+    committed offset yet (its predecessor died before its first commit) answers them all."""
+    env = {**worker_env, **STANDIN}
+    start_worker(**STANDIN).stop()  # creates the topics; commits nothing
+    bootstrap = env["MARVIN_BROKER"].removeprefix("kafka://")
+    cids = one_conversation_per_partition(int(STANDIN["MARVIN_PARTITIONS"]))
+    stored = {
+        cid: [
+            {
+                "role": "human",
+                "text": f"stored question of {cid[:8]}",
+                "timestamp": 1,
+                "message_id": str(uuid.uuid4()),
+            },
+            {
+                "role": "AI",
+                "text": f"stored answer to {cid[:8]}",
+                "timestamp": 2,
+                "message_id": str(uuid.uuid4()),
+            },
+        ]
+        for cid in cids
+    }
+    # Other conversations' histories make the recovery take a while.
+    filler = {str(uuid.uuid4()): stored[cids[0]] for _ in range(2000)}
+    changelog = f"{env['MARVIN_APP_ID']}-conversation-history-changelog"
+    run(write_histories(bootstrap, changelog, {**filler, **stored}))
+    waiting = [human_message(cid, "are you still there?") for cid in cids]
+    send(env, waiting)
+    started = time.monotonic()
+    start_worker(data_dir=tmp_path / "fresh-state", **STANDIN)
+    drained = wait_answered(env, waiting, timeout=120)
+    replies = run(replies_by_message(bootstrap, env["MARVIN_TOPIC"]))
+    for m in waiting:
+        [reply] = replies[m.message_id]
+        assert reply["text"].splitlines() == [
+            f"human: stored question of {m.cid[:8]}",
+            f"ai: stored answer to {m.cid[:8]}",
+            "human: are you still there?",
+        ]
+    print(
+        f"\n[never committed] answered {len(waiting)} of {len(waiting)} waiting messages "
+        f"{time.monotonic() - started:.1f} s after the start (drain {drained:.1f} s)"
+    )
 
 
 def test_poison_pills_among_good_messages(start_worker, worker_env):

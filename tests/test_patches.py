@@ -1,0 +1,82 @@
+"""The Faust fixes in marvin_faust.patches that can be shown without a broker.
+
+Their effect on real workers is shown by tests/test_reliability.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from marvin_faust import patches
+
+
+@pytest.fixture(autouse=True)
+def fresh_state(monkeypatch):
+    """The lock and the flag are per process; every test gets its own."""
+    monkeypatch.setattr(patches, "_commit_barrier", asyncio.Lock())
+    monkeypatch.setattr(patches, "_final_commit_begun", asyncio.Event())
+
+
+def fake_app(*, stopping: bool = False) -> SimpleNamespace:
+    return SimpleNamespace(should_stop=stopping, in_transaction=False)
+
+
+async def settle() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def test_a_commit_waits_until_the_event_has_written_everything(monkeypatch):
+    committed = asyncio.Event()
+
+    async def original_commit(self, topics=None, start_new_transaction=True):
+        committed.set()
+        return True
+
+    monkeypatch.setattr(patches, "_original_commit", original_commit)
+    consumer = SimpleNamespace(app=fake_app())
+    async with patches.writes_of_one_event(consumer.app):
+        commit = asyncio.ensure_future(patches._commit_between_events(consumer))
+        await settle()
+        assert not committed.is_set(), "a commit ran between the writes of one event"
+    assert await commit is True
+    assert committed.is_set()
+
+
+async def test_a_rebalance_ending_the_transactions_does_not_stop_the_writes(monkeypatch):
+    async def original_end(self):
+        return None
+
+    monkeypatch.setattr(patches, "_original_commit_and_end_transactions", original_end)
+    await patches._flag_and_commit_and_end_transactions(SimpleNamespace(app=fake_app()))
+    wrote = False
+    async with patches.writes_of_one_event(fake_app()):
+        wrote = True
+    assert wrote
+
+
+async def test_nothing_is_written_after_the_final_commit_of_a_stop(monkeypatch):
+    async def original_end(self):
+        return None
+
+    monkeypatch.setattr(patches, "_original_commit_and_end_transactions", original_end)
+    stopping = fake_app(stopping=True)
+    await patches._flag_and_commit_and_end_transactions(SimpleNamespace(app=stopping))
+    wrote = asyncio.Event()
+
+    async def handle_one_event() -> None:
+        async with patches.writes_of_one_event(stopping):
+            wrote.set()
+
+    handler = asyncio.ensure_future(handle_one_event())
+    await settle()
+    assert not wrote.is_set() and not handler.done()
+    # It waits outside the lock: another commit (Faust's consumer stop) still goes through.
+    assert not patches._commit_barrier.locked()
+    handler.cancel()  # what the worker's stop does to the agent
+    with pytest.raises(asyncio.CancelledError):
+        await handler
+    assert not wrote.is_set()
