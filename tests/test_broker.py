@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from tests.kafka_fixtures import LOOPBACK, REPO, SHARED_JARS, free_ports, make_broker
+from tests.processes import live_processes
 
 pytestmark = pytest.mark.kafka
 
@@ -47,19 +48,8 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 
 
 def processes_mentioning(text: str) -> list[int]:
-    """Pids of live (non-zombie) processes whose command line contains ``text``."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if text.encode() in cmdline and state != "Z":
-            pids.append(int(proc.name))
-    return pids
+    """Pids of live processes whose command line contains ``text``."""
+    return [p.pid for p in live_processes() if text in p.cmdline]
 
 
 def unique(name: str) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.kafka_fixtures import REPO, free_ports
+from tests.processes import live_processes
 
 pytestmark = pytest.mark.kafka
 
@@ -35,21 +36,8 @@ def procfile_entries() -> dict[str, str]:
 
 
 def processes_with_env(name: str, value: str) -> dict[int, str]:
-    """Live (non-zombie) processes whose environment has ``name=value``: pid -> command line."""
-    wanted = f"{name}={value}".encode()
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if wanted in environ and state not in ("Z", "X"):
-            found[int(proc.name)] = cmdline
-    return found
+    """Live processes whose environment has ``name=value``: pid -> command line."""
+    return {p.pid: p.cmdline for p in live_processes() if f"{name}={value}" in p.environ}
 
 
 def http_get(url: str) -> tuple[int, dict]:
