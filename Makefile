@@ -1,6 +1,6 @@
 # Two entry points do all the set-up on a fresh machine: `make run` and `make test`.
 # Both are idempotent: the venv, the Kafka jars and the compiled llama-cpp-python wheel
-# (pip's cache) are reused on the next run.
+# (the wheelhouse below) are reused on the next run.
 
 PYTHON ?= python3
 VENV := .venv
@@ -13,10 +13,22 @@ BENCH_ARGS ?=
 
 .PHONY: install run test lint bench broker-start broker-stop broker-status clean
 
+# llama-cpp-python compiles llama.cpp from source (3-15 minutes on 2 cores). pip's own build
+# uses -march=native, and that build crashed here (segfault in llama_decode on a CPU with
+# AVX-512 and AMX): build it portable instead, as docker/Dockerfile does, once per machine, into
+# a wheelhouse outside the checkout that later installs and clean checkouts reuse.
+LLAMA_CPP_PYTHON_VERSION := 0.3.36
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+WHEELHOUSE ?= $(HOME)/.cache/marvin-faust/wheels/native-off
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# llama-cpp-python compiles from source the first time (about 8-15 minutes on 2 cores)
+	ls $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)-*.whl >/dev/null 2>&1 \
+		|| CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --no-deps --no-cache-dir \
+			--wheel-dir $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)
+	$(BIN)/pip install --force-reinstall --no-deps \
+		$(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)-*.whl
 	$(BIN)/pip install --progress-bar off -e '.[offline,test]'
 	touch $(STAMP)
 
