@@ -42,9 +42,11 @@ when one of two workers stopped (tests/test_scale_out.py). None is fixed upstrea
    local RocksDB but no transaction, the stop looked clean, and the next start trusted that
    state and skipped them as answered (seen: 15 and 27 of 200 messages lost over 10 SIGTERM
    restarts). The fix: :func:`writes_of_one_event` holds a lock while the agent writes and
-   flushes one event's records; Faust's ``commit`` takes the same lock; and once the stop's
-   final commit has begun, :func:`writes_of_one_event` writes nothing more (the stop cancels
-   the agent, and the message is handled by the next worker).
+   flushes one event's records; Faust's ``commit`` takes the same lock; once the stop's final
+   commit has begun, :func:`writes_of_one_event` writes nothing more (the stop cancels the
+   agent, and the message is handled by the next worker); and once it is done, Faust's commit
+   timer commits nothing more (it crashed the consumer with "Not in the middle of a
+   transaction", which made the stop look unclean).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ _original_commit_and_end_transactions = Consumer.commit_and_end_transactions
 # Fix 4: one lock per process (one consumer, one event loop) and the final commit's flag.
 _commit_barrier = asyncio.Lock()
 _final_commit_begun = asyncio.Event()
+_final_commit_done = asyncio.Event()
 
 
 async def _highwaters_from_the_broker(
@@ -140,14 +143,21 @@ async def _commit_between_events(
     self: Consumer, topics: Any = None, start_new_transaction: bool = True
 ) -> bool:
     async with _commit_barrier:
+        if _final_commit_done.is_set():
+            # The stop's transactions are over: Faust's commit timer would fail with "Not in
+            # the middle of a transaction". What is left uncommitted is read again next time.
+            return False
         return await _original_commit(self, topics, start_new_transaction=start_new_transaction)
 
 
 async def _flag_and_commit_and_end_transactions(self: Consumer) -> None:
     # Faust also ends its transactions before every rebalance; only the stop's is final.
-    if self.app.should_stop:
+    final = bool(self.app.should_stop)
+    if final:
         _final_commit_begun.set()
     await _original_commit_and_end_transactions(self)
+    if final:
+        _final_commit_done.set()
 
 
 def apply() -> None:

@@ -18,6 +18,7 @@ def fresh_state(monkeypatch):
     """The lock and the flag are per process; every test gets its own."""
     monkeypatch.setattr(patches, "_commit_barrier", asyncio.Lock())
     monkeypatch.setattr(patches, "_final_commit_begun", asyncio.Event())
+    monkeypatch.setattr(patches, "_final_commit_done", asyncio.Event())
 
 
 def fake_app(*, stopping: bool = False) -> SimpleNamespace:
@@ -80,3 +81,40 @@ async def test_nothing_is_written_after_the_final_commit_of_a_stop(monkeypatch):
     with pytest.raises(asyncio.CancelledError):
         await handler
     assert not wrote.is_set()
+
+
+async def test_no_commit_follows_the_final_commit_of_a_stop(monkeypatch):
+    commits = []
+
+    async def original_commit(self, topics=None, start_new_transaction=True):
+        commits.append(start_new_transaction)
+        return True
+
+    async def original_end(self):
+        await patches._commit_between_events(self, start_new_transaction=False)
+
+    monkeypatch.setattr(patches, "_original_commit", original_commit)
+    monkeypatch.setattr(patches, "_original_commit_and_end_transactions", original_end)
+    consumer = SimpleNamespace(app=fake_app(stopping=True))
+    await patches._flag_and_commit_and_end_transactions(consumer)
+    assert commits == [False]  # the final commit itself went through
+    assert await patches._commit_between_events(consumer) is False  # the timer's next one
+    assert commits == [False]
+
+
+async def test_after_a_rebalance_commits_go_on(monkeypatch):
+    commits = []
+
+    async def original_commit(self, topics=None, start_new_transaction=True):
+        commits.append(start_new_transaction)
+        return True
+
+    async def original_end(self):
+        await patches._commit_between_events(self, start_new_transaction=False)
+
+    monkeypatch.setattr(patches, "_original_commit", original_commit)
+    monkeypatch.setattr(patches, "_original_commit_and_end_transactions", original_end)
+    consumer = SimpleNamespace(app=fake_app())
+    await patches._flag_and_commit_and_end_transactions(consumer)
+    assert await patches._commit_between_events(consumer) is True
+    assert commits == [False, True]

@@ -79,19 +79,30 @@ def in_batches(messages: list[Sent], count: int) -> list[list[Sent]]:
     return [messages[i : i + size] for i in range(0, len(messages), size)]
 
 
-def test_kill_minus_nine_during_a_run(start_worker, worker_env):
-    env = {**worker_env, **STANDIN}
+def restarts_during_a_run(
+    start_worker, env: dict, messages: list[Sent], stop, pause
+) -> list[float]:
+    """Send ``messages`` in 10 batches; after each, wait ``pause()`` s, ``stop(worker)`` and
+    start a new worker on the same data dir. Returns the seconds each restart took to Ready."""
     worker = start_worker(**STANDIN)
-    messages = conversation_messages(30, 10)
-    rng = random.Random(1)
     resume_times = []
     for batch in in_batches(messages, 10):
         send(env, batch)
-        time.sleep(rng.uniform(0.2, 2.0))
-        worker.kill()
+        time.sleep(pause())
+        stop(worker)
         started = time.monotonic()
-        worker = start_worker(data_dir=worker.data_dir, **STANDIN)
+        worker = start_worker(data_dir=worker.data_dir, **STANDIN)  # waits for Ready
         resume_times.append(time.monotonic() - started)
+    return resume_times
+
+
+def test_kill_minus_nine_during_a_run(start_worker, worker_env):
+    env = {**worker_env, **STANDIN}
+    messages = conversation_messages(30, 10)
+    rng = random.Random(1)
+    resume_times = restarts_during_a_run(
+        start_worker, env, messages, lambda w: w.kill(), lambda: rng.uniform(0.2, 2.0)
+    )
     drained = wait_answered(env, messages)
     check(
         env,
@@ -103,24 +114,12 @@ def test_kill_minus_nine_during_a_run(start_worker, worker_env):
     )
 
 
-@pytest.mark.xfail(
-    reason="open defect: under exactly_once, Faust's stop can end with 'Not in the middle of a "
-    "transaction' and input offsets get committed while their replies were aborted (seen: 27 "
-    "of 200 messages lost over 10 SIGTERM restarts)",
-    strict=False,
-)
 def test_graceful_restarts_during_a_run(start_worker, worker_env):
     env = {**worker_env, **STANDIN}
-    worker = start_worker(**STANDIN)
     messages = conversation_messages(20, 10)
-    resume_times = []
-    for batch in in_batches(messages, 10):
-        send(env, batch)
-        time.sleep(0.5)
-        worker.stop()
-        started = time.monotonic()
-        worker = start_worker(data_dir=worker.data_dir, **STANDIN)  # waits for Ready
-        resume_times.append(time.monotonic() - started)
+    resume_times = restarts_during_a_run(
+        start_worker, env, messages, lambda w: w.stop(), lambda: 0.5
+    )
     drained = wait_answered(env, messages)
     check(
         env,
