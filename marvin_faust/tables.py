@@ -8,16 +8,50 @@ assignment, never on in-place mutation.
 
 from __future__ import annotations
 
+from typing import Any
+
+import faust
+from faust.types import FutureMessage
+
 from .app import app, settings
 
-history = app.Table(
-    "conversation-history",
-    default=list,
-    # bytes -> Faust's "raw" key codec: the changelog key is the conversation id's UTF-8 bytes,
-    # exactly the chat topic's key, so table_route hashes it to the same partition. (Any other
-    # key type gets JSON, a quoted key, and requests get routed to the wrong worker.) The
-    # table is still indexed with str ids: the raw codec encodes them.
-    key_type=bytes,
-    partitions=settings.partitions,
-    help="Conversation id -> list of turns (role, text, timestamp, message_id).",
+
+class HistoryTable(faust.Table):
+    """A table whose changelog writes can be awaited.
+
+    A write is queued in Faust's producer buffer and reaches Kafka later; under exactly_once it
+    joins whatever transaction is open by then, possibly the one after the reply's. The agent
+    awaits :meth:`wait_written` before anything may commit (``patches.writes_of_one_event``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unwritten: list[FutureMessage] = []
+
+    def send_changelog(self, *args: Any, **kwargs: Any) -> FutureMessage:
+        future = super().send_changelog(*args, **kwargs)
+        if self.app.in_transaction:  # elsewhere nothing needs to wait (nor could, in tests)
+            self._unwritten.append(future)
+        return future
+
+    async def wait_written(self) -> None:
+        """Wait until every changelog write made so far has been delivered to Kafka."""
+        while self._unwritten:
+            await self._unwritten.pop(0)
+
+
+history: HistoryTable = app.tables.add(
+    HistoryTable(
+        app,
+        name="conversation-history",
+        default=list,
+        beacon=app.tables.beacon,
+        # bytes -> Faust's "raw" key codec: the changelog key is the conversation id's UTF-8
+        # bytes, exactly the chat topic's key, so table_route hashes it to the same partition.
+        # (Any other key type gets JSON, a quoted key, and requests get routed to the wrong
+        # worker.) The table is still indexed with str ids: the raw codec encodes them.
+        key_type=bytes,
+        partitions=settings.partitions,
+        help="Conversation id -> list of turns (role, text, timestamp, message_id).",
+    )
 )

@@ -39,7 +39,7 @@ async def test_a_commit_waits_until_the_event_has_written_everything(monkeypatch
 
     monkeypatch.setattr(patches, "_original_commit", original_commit)
     consumer = SimpleNamespace(app=fake_app())
-    async with patches.writes_of_one_event(consumer.app):
+    async with patches.writes_of_one_event():
         commit = asyncio.ensure_future(patches._commit_between_events(consumer))
         await settle()
         assert not committed.is_set(), "a commit ran between the writes of one event"
@@ -54,7 +54,7 @@ async def test_a_rebalance_ending_the_transactions_does_not_stop_the_writes(monk
     monkeypatch.setattr(patches, "_original_commit_and_end_transactions", original_end)
     await patches._flag_and_commit_and_end_transactions(SimpleNamespace(app=fake_app()))
     wrote = False
-    async with patches.writes_of_one_event(fake_app()):
+    async with patches.writes_of_one_event():
         wrote = True
     assert wrote
 
@@ -69,7 +69,7 @@ async def test_nothing_is_written_after_the_final_commit_of_a_stop(monkeypatch):
     wrote = asyncio.Event()
 
     async def handle_one_event() -> None:
-        async with patches.writes_of_one_event(stopping):
+        async with patches.writes_of_one_event():
             wrote.set()
 
     handler = asyncio.ensure_future(handle_one_event())
@@ -83,8 +83,11 @@ async def test_nothing_is_written_after_the_final_commit_of_a_stop(monkeypatch):
     assert not wrote.is_set()
 
 
-async def test_no_commit_follows_the_final_commit_of_a_stop(monkeypatch):
-    commits = []
+@pytest.fixture()
+def recorded_commits(monkeypatch) -> list[bool]:
+    """Faust's commit replaced by a recorder (of ``start_new_transaction``); its final commit
+    commits through the patched ``commit``, as Faust's does."""
+    commits: list[bool] = []
 
     async def original_commit(self, topics=None, start_new_transaction=True):
         commits.append(start_new_transaction)
@@ -95,26 +98,71 @@ async def test_no_commit_follows_the_final_commit_of_a_stop(monkeypatch):
 
     monkeypatch.setattr(patches, "_original_commit", original_commit)
     monkeypatch.setattr(patches, "_original_commit_and_end_transactions", original_end)
+    return commits
+
+
+async def test_no_commit_follows_the_final_commit_of_a_stop(recorded_commits):
     consumer = SimpleNamespace(app=fake_app(stopping=True))
     await patches._flag_and_commit_and_end_transactions(consumer)
-    assert commits == [False]  # the final commit itself went through
+    assert recorded_commits == [False]  # the final commit itself went through
     assert await patches._commit_between_events(consumer) is False  # the timer's next one
-    assert commits == [False]
+    assert recorded_commits == [False]
 
 
-async def test_after_a_rebalance_commits_go_on(monkeypatch):
-    commits = []
-
-    async def original_commit(self, topics=None, start_new_transaction=True):
-        commits.append(start_new_transaction)
-        return True
-
-    async def original_end(self):
-        await patches._commit_between_events(self, start_new_transaction=False)
-
-    monkeypatch.setattr(patches, "_original_commit", original_commit)
-    monkeypatch.setattr(patches, "_original_commit_and_end_transactions", original_end)
+async def test_after_a_rebalance_commits_go_on(recorded_commits):
     consumer = SimpleNamespace(app=fake_app())
     await patches._flag_and_commit_and_end_transactions(consumer)
     assert await patches._commit_between_events(consumer) is True
-    assert commits == [False, True]
+    assert recorded_commits == [False, True]
+
+
+class FlowingConsumer:
+    """The flow switches of Faust's consumer, and what the seek saw of them."""
+
+    def __init__(self, flowing: bool) -> None:
+        self.flow_active = flowing
+        self.flow_during_seek: list[bool] = []
+
+    def stop_flow(self) -> None:
+        self.flow_active = False
+
+    def resume_flow(self) -> None:
+        self.flow_active = True
+
+
+async def test_the_seek_runs_with_the_flow_stopped_and_restores_it(monkeypatch):
+    async def original_seek(self):
+        self.flow_during_seek.append(self.flow_active)
+
+    monkeypatch.setattr(patches, "_original_perform_seek", original_seek)
+    flowing, stopped = FlowingConsumer(True), FlowingConsumer(False)
+    await patches._perform_seek_with_the_flow_stopped(flowing)
+    await patches._perform_seek_with_the_flow_stopped(stopped)
+    assert flowing.flow_during_seek == [False] and flowing.flow_active
+    assert stopped.flow_during_seek == [False] and not stopped.flow_active
+
+
+async def test_the_history_table_waits_for_its_changelog_writes(monkeypatch):
+    from faust.tables.base import Collection
+
+    from marvin_faust.app import app
+    from marvin_faust.tables import history
+
+    futures: list[asyncio.Future] = []
+
+    def send_changelog(self, *args, **kwargs):
+        futures.append(asyncio.get_running_loop().create_future())
+        return futures[-1]
+
+    monkeypatch.setattr(Collection, "send_changelog", send_changelog)
+    monkeypatch.setattr(type(app), "in_transaction", property(lambda self: True))
+    history.send_changelog(0, b"c1", [])
+    history.send_changelog(0, b"c2", [])
+    waiting = asyncio.ensure_future(history.wait_written())
+    await settle()
+    assert not waiting.done()
+    futures[0].set_result(None)
+    await settle()
+    assert not waiting.done(), "returned before the second write was delivered"
+    futures[1].set_result(None)
+    await waiting
