@@ -28,6 +28,13 @@ log = logging.getLogger(__name__)
 # Seconds of slack on top of the model timeout before Faust calls an event stuck.
 PROCESSING_SLACK = 60.0
 
+# How often the consumer refreshes its metadata (Faust's default: 5 minutes). A worker that
+# creates the chat topic can join its group before the topic is in the broker's metadata; the
+# assignor then ignores the topic and the worker sits Ready with no partitions until the next
+# refresh (seen in tests: nothing answered for 4 minutes). The refresh shows the topic and
+# triggers a rebalance.
+METADATA_MAX_AGE_MS = 10_000
+
 
 def _settings_or_exit() -> Settings:
     try:
@@ -119,6 +126,7 @@ def create_app(settings: Settings) -> faust.App:
         # One event takes seconds: fetch few records at a time and only call an event stuck
         # well after the model would have timed out.
         broker_max_poll_records=settings.max_poll_records,
+        consumer_metadata_max_age_ms=METADATA_MAX_AGE_MS,
         stream_processing_timeout=stuck_after,
         broker_commit_livelock_soft_timeout=stuck_after,
     )

@@ -42,3 +42,11 @@ def test_dotenv_file_is_read(tmp_path, monkeypatch):
     (tmp_path / ".env").write_text("MARVIN_TOPIC=from-dotenv\n")
     monkeypatch.chdir(tmp_path)
     assert load_settings().topic == "from-dotenv"
+
+
+def test_a_worker_notices_a_topic_created_after_it_joined_within_seconds():
+    """A worker that joined before its new chat topic reached the metadata gets the topic's
+    partitions at the next refresh: seconds, not Faust's default 5 minutes."""
+    from marvin_faust.app import app
+
+    assert app.conf.consumer_metadata_max_age_ms <= 10_000
