@@ -82,7 +82,7 @@ def in_batches(messages: list[Sent], count: int) -> list[list[Sent]]:
 # Issue 8 stays open: under exactly_once these three scenarios still failed now and then. Seen
 # before fixes 3-5 of marvin_faust/patches.py were all in: kill -9 lost 20 of 300 (CI) and 1 of
 # 300; SIGTERM lost 15, 27 and 3 of 200; rebalances answered 1 and 2 of 200 twice. With all five
-# fixes kill -9 and SIGTERM passed 3 runs each, rebalances 1 of 2: not enough to call the defect
+# fixes kill -9 and SIGTERM passed 4 runs each, rebalances 2 of 3: not enough to call the defect
 # gone. The figures print either way.
 OPEN_DEFECT = pytest.mark.xfail(
     reason="issue 8: Faust exactly_once offset handling can still skip or redo a message "
