@@ -27,27 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import DefaultPartitioner
 
 from marvin_faust.conversation import Turn, make_turn
+from tests.worker_fixtures import changelog_topic, one_conversation_per_partition
 
 from .driver import Driver
 from .harness import Cluster, http_get
-
-
-def one_id_per_partition(partitions: int) -> list[str]:
-    """Conversation ids whose keys the default partitioner puts on partitions 0, 1, ..."""
-    partitioner = DefaultPartitioner()
-    found: dict[int, str] = {}
-    every = list(range(partitions))
-    while len(found) < partitions:
-        cid = str(uuid.uuid4())
-        found.setdefault(partitioner(cid.encode(), every, every), cid)
-    return [found[p] for p in every]
-
-
-def changelog_topic(app_id: str) -> str:
-    return f"{app_id}-conversation-history-changelog"
 
 
 def stored_turns(cid: str, count: int) -> list[Turn]:
@@ -152,7 +137,7 @@ def recovery(
 ) -> tuple[RecoveryResult, list[RecoveryResult]]:
     """The baseline (empty changelog) and one result per size (cumulative fills)."""
     env = cluster.app_env("recovery")
-    first, *others = one_id_per_partition(cluster.partitions)
+    first, *others = one_conversation_per_partition(cluster.partitions)
     ready, answered, held, note = start_and_ask(
         cluster, env, "recovery-empty", first, None, answer_wait, tuple(others)
     )

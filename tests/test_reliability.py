@@ -16,11 +16,17 @@ import uuid
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import DefaultPartitioner
 
+from marvin_faust.conversation import make_turn
 from tests.kafka_fixtures import make_broker
 from tests.verifier import Sent, human_message, replies_by_message, verify
-from tests.worker_fixtures import produce, run, wire_value
+from tests.worker_fixtures import (
+    changelog_topic,
+    one_conversation_per_partition,
+    produce,
+    run,
+    wire_value,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -170,17 +176,6 @@ def test_local_state_deleted_while_down_is_rebuilt_identically(start_worker, wor
     check(env, first + second, "state dir deleted", resume_s=round(resumed, 1))
 
 
-def one_conversation_per_partition(partitions: int) -> list[str]:
-    """Conversation ids that the default partitioner puts on partitions 0, 1, ..."""
-    partitioner = DefaultPartitioner()
-    every = list(range(partitions))
-    found: dict[int, str] = {}
-    while len(found) < partitions:
-        cid = str(uuid.uuid4())
-        found.setdefault(partitioner(cid.encode(), every, every), cid)
-    return [found[p] for p in every]
-
-
 async def write_histories(bootstrap: str, topic: str, histories: dict[str, list[dict]]) -> None:
     """Table records as a worker writes them (key: conversation id, value: JSON turns), then
     the same again in a transaction that aborts, as a worker killed before its commit leaves."""
@@ -218,25 +213,14 @@ def test_waiting_messages_on_never_committed_partitions_survive_recovery(
     cids = one_conversation_per_partition(int(STANDIN["MARVIN_PARTITIONS"]))
     stored = {
         cid: [
-            {
-                "role": "human",
-                "text": f"stored question of {cid[:8]}",
-                "timestamp": 1,
-                "message_id": str(uuid.uuid4()),
-            },
-            {
-                "role": "AI",
-                "text": f"stored answer to {cid[:8]}",
-                "timestamp": 2,
-                "message_id": str(uuid.uuid4()),
-            },
+            make_turn("human", f"stored question of {cid[:8]}", 1, str(uuid.uuid4())),
+            make_turn("AI", f"stored answer to {cid[:8]}", 2, str(uuid.uuid4())),
         ]
         for cid in cids
     }
     # Other conversations' histories make the recovery take a while.
     filler = {str(uuid.uuid4()): stored[cids[0]] for _ in range(2000)}
-    changelog = f"{env['MARVIN_APP_ID']}-conversation-history-changelog"
-    run(write_histories(bootstrap, changelog, {**filler, **stored}))
+    run(write_histories(bootstrap, changelog_topic(env["MARVIN_APP_ID"]), {**filler, **stored}))
     waiting = [human_message(cid, "are you still there?") for cid in cids]
     send(env, waiting)
     started = time.monotonic()

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.worker_fixtures import FAUST, consume, produce, replies_for, run, wire_value
+from tests.worker_fixtures import (
+    FAUST,
+    changelog_topic,
+    consume,
+    produce,
+    replies_for,
+    run,
+    wire_value,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -36,9 +44,12 @@ def ask(env: dict, cid: str, text: str, expected_replies: int, message_id: str |
 
 def changelog_history(env: dict, cid: str) -> list[dict]:
     bootstrap = env["MARVIN_BROKER"].removeprefix("kafka://")
-    topic = f"{env['MARVIN_APP_ID']}-conversation-history-changelog"
     records = run(
-        consume(bootstrap, topic, until=lambda rs: any(r.key == cid.encode() for r in rs))
+        consume(
+            bootstrap,
+            changelog_topic(env["MARVIN_APP_ID"]),
+            until=lambda rs: any(r.key == cid.encode() for r in rs),
+        )
     )
     return json.loads([r for r in records if r.key == cid.encode()][-1].value)
 

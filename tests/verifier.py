@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer
 
-from tests.worker_fixtures import wire_value
+from tests.worker_fixtures import changelog_topic, wire_value
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ async def verify(
                 report.bad_not_dead_lettered.append(s.message_id)
             report.bad_dead_lettered_twice += max(count - 1, 0)
 
-    changelog = f"{env['MARVIN_APP_ID']}-conversation-history-changelog"
+    changelog = changelog_topic(env["MARVIN_APP_ID"])
     stored: dict[str, list] = {}
     for record in await read_all(bootstrap, changelog):
         stored[record.key.decode()] = json.loads(record.value) if record.value else []

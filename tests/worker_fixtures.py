@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 
 READY_LINE = "[^Worker]: Ready"
 FAUST = str(Path(sys.executable).parent / "faust")
@@ -129,6 +130,22 @@ def start_worker(worker_env, tmp_path) -> Iterator:
 
 
 # -- A plain Kafka client, as an existing front end would be: no project code ------------------
+
+
+def changelog_topic(app_id: str) -> str:
+    """The history table's changelog topic, as Faust names it: ``<app id>-<table>-changelog``."""
+    return f"{app_id}-conversation-history-changelog"
+
+
+def one_conversation_per_partition(partitions: int) -> list[str]:
+    """Conversation ids that the default partitioner puts on partitions 0, 1, ..."""
+    partitioner = DefaultPartitioner()
+    every = list(range(partitions))
+    found: dict[int, str] = {}
+    while len(found) < partitions:
+        cid = str(uuid.uuid4())
+        found.setdefault(partitioner(cid.encode(), every, every), cid)
+    return [found[p] for p in every]
 
 
 def wire_value(cid: str, text: str, role: str = "human") -> bytes:
