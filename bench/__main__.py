@@ -183,22 +183,28 @@ def run_throughput(cluster: Cluster, args: argparse.Namespace, out: dict[str, An
         cases = cases_on(loop.topic, loop.process.pid)
         rows.append({"path": "bare aiokafka loop", "guarantee": guarantee, "cases": cases})
         loop.stop()
+
+    def measure(path: str, guarantee: str, env_name: str, start: Any) -> Any:
+        """Start a process with ``start(env)``, run the cases on it and add its row."""
+        say(f"throughput: {path}, {guarantee}")
+        env = cluster.app_env(env_name)
+        env["MARVIN_PROCESSING_GUARANTEE"] = guarantee
+        started = start(env)
+        assert started.process is not None
+        cases = cases_on(env["MARVIN_TOPIC"], started.process.pid)
+        rows.append({"path": path, "guarantee": guarantee, "cases": cases})
+        return started
+
     for guarantee in args.throughput_guarantees:
-        say(f"throughput: minimal Faust agent, {guarantee}")
-        env = cluster.app_env("faust-loop")
-        env["MARVIN_PROCESSING_GUARANTEE"] = guarantee
-        faust_loop = cluster.faust_loop(env, "throughput-faust-loop")
-        assert faust_loop.process is not None
-        cases = cases_on(env["MARVIN_TOPIC"], faust_loop.process.pid)
-        rows.append({"path": "minimal Faust agent", "guarantee": guarantee, "cases": cases})
-        faust_loop.stop()
-        say(f"throughput: worker, {guarantee}")
-        env = cluster.app_env("throughput")
-        env["MARVIN_PROCESSING_GUARANTEE"] = guarantee
-        worker = cluster.worker(env, "throughput")
-        assert worker.process is not None
-        cases = cases_on(env["MARVIN_TOPIC"], worker.process.pid)
-        rows.append({"path": "worker", "guarantee": guarantee, "cases": cases})
+        measure(
+            "minimal Faust agent",
+            guarantee,
+            "faust-loop",
+            lambda env: cluster.faust_loop(env, "throughput-faust-loop"),
+        ).stop()
+        worker = measure(
+            "worker", guarantee, "throughput", lambda env: cluster.worker(env, "throughput")
+        )
         out.setdefault("worker_peak_rss_kib", {})[guarantee] = harness.proc_status_kib(
             worker.process.pid, "VmHWM"
         )
