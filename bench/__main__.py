@@ -184,7 +184,7 @@ def run_throughput(cluster: Cluster, args: argparse.Namespace, out: dict[str, An
         rows.append({"path": "bare aiokafka loop", "guarantee": guarantee, "cases": cases})
         loop.stop()
 
-    def measure(path: str, guarantee: str, env_name: str, start: Any) -> Any:
+    def measure_row(path: str, guarantee: str, env_name: str, start: Any) -> Any:
         """Start a process with ``start(env)``, run the cases on it and add its row."""
         say(f"throughput: {path}, {guarantee}")
         env = cluster.app_env(env_name)
@@ -196,13 +196,13 @@ def run_throughput(cluster: Cluster, args: argparse.Namespace, out: dict[str, An
         return started
 
     for guarantee in args.throughput_guarantees:
-        measure(
+        measure_row(
             "minimal Faust agent",
             guarantee,
             "faust-loop",
             lambda env: cluster.faust_loop(env, "throughput-faust-loop"),
         ).stop()
-        worker = measure(
+        worker = measure_row(
             "worker", guarantee, "throughput", lambda env: cluster.worker(env, "throughput")
         )
         out.setdefault("worker_peak_rss_kib", {})[guarantee] = harness.proc_status_kib(
