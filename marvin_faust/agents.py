@@ -99,11 +99,10 @@ async def record_greeting(chat: ChatMessage, message_id: str | None) -> Outcome:
     """Store the bot's opening line; every other AI message is the bot's own reply: dropped."""
     if history[chat.conversation_id]:
         return Outcome.DROPPED
-    async with writes_of_one_event():
+    async with writes_of_one_event(history):
         history[chat.conversation_id] = [
             make_turn(chat.role, chat.text, chat.Timestamp, message_id)
         ]
-        await history.wait_written()
     return Outcome.GREETING
 
 
@@ -126,7 +125,7 @@ async def reply_to(chat: ChatMessage, message_id: str | None) -> Outcome:
         headers.append((IN_REPLY_TO_HEADER, message_id.encode()))
     # The stored turns and the reply commit together or not at all: the history is what
     # tells a redelivered message it was answered.
-    async with writes_of_one_event():
+    async with writes_of_one_event(history):
         history[cid] = append_turns(
             past,
             [
@@ -136,7 +135,6 @@ async def reply_to(chat: ChatMessage, message_id: str | None) -> Outcome:
             settings.max_stored_turns,
         )
         await reply_topic.send(key=cid.encode(), value=reply.to_bytes(), headers=headers)
-        await history.wait_written()
     log.info(
         "Answered %s in %.2fs (%d tokens, %.1f tokens/s)",
         cid,

@@ -67,7 +67,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from faust.transport.consumer import Consumer, TopicPartitionGroup, TransactionManager
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
@@ -136,17 +136,23 @@ async def _seek_to_committed_or_to_the_start(self: AIOKafkaConsumerThread) -> Ma
     return committed
 
 
-@asynccontextmanager
-async def writes_of_one_event() -> AsyncIterator[None]:
-    """Write one event's records (table changes, sends) with no commit in between.
+class AwaitableWrites(Protocol):
+    async def wait_written(self) -> None: ...
 
-    The body must also wait until its buffered records (table changelogs) are in Kafka. Once
-    the worker's final commit has begun this never enters: it waits until the stop cancels the
-    agent, and the event is left to the next owner of its partition.
+
+@asynccontextmanager
+async def writes_of_one_event(table: AwaitableWrites) -> AsyncIterator[None]:
+    """Write one event's records (``table`` changes, sends) with no commit in between.
+
+    Before the lock is released, the table's buffered changelog writes are waited for, so they
+    are in the same transaction as the sends. Once the worker's final commit has begun this
+    never enters: it waits until the stop cancels the agent, and the event is left to the next
+    owner of its partition.
     """
     async with _commit_barrier:
         if not _final_commit_begun.is_set():
             yield
+            await table.wait_written()
             return
     await asyncio.Event().wait()  # outside the lock, so the final commit can go on
 

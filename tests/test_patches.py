@@ -21,6 +21,16 @@ def fresh_state(monkeypatch):
     monkeypatch.setattr(patches, "_final_commit_done", asyncio.Event())
 
 
+class NoTable:
+    """A table with nothing to wait for."""
+
+    async def wait_written(self) -> None:
+        return None
+
+
+NO_TABLE = NoTable()
+
+
 def fake_app(*, stopping: bool = False) -> SimpleNamespace:
     return SimpleNamespace(should_stop=stopping, in_transaction=False)
 
@@ -39,11 +49,40 @@ async def test_a_commit_waits_until_the_event_has_written_everything(monkeypatch
 
     monkeypatch.setattr(patches, "_original_commit", original_commit)
     consumer = SimpleNamespace(app=fake_app())
-    async with patches.writes_of_one_event():
+    async with patches.writes_of_one_event(NO_TABLE):
         commit = asyncio.ensure_future(patches._commit_between_events(consumer))
         await settle()
         assert not committed.is_set(), "a commit ran between the writes of one event"
     assert await commit is True
+    assert committed.is_set()
+
+
+async def test_the_lock_is_held_until_the_table_writes_are_delivered(monkeypatch):
+    committed = asyncio.Event()
+    delivered = asyncio.get_running_loop().create_future()
+
+    async def original_commit(self, topics=None, start_new_transaction=True):
+        committed.set()
+        return True
+
+    class SlowTable:
+        async def wait_written(self) -> None:
+            await delivered
+
+    monkeypatch.setattr(patches, "_original_commit", original_commit)
+    consumer = SimpleNamespace(app=fake_app())
+    commits: list[asyncio.Future] = []
+
+    async def handle_one_event() -> None:
+        async with patches.writes_of_one_event(SlowTable()):
+            commits.append(asyncio.ensure_future(patches._commit_between_events(consumer)))
+
+    handler = asyncio.ensure_future(handle_one_event())
+    await settle()
+    assert not committed.is_set(), "a commit ran before the table write was delivered"
+    delivered.set_result(None)
+    await handler
+    assert await commits[0] is True
     assert committed.is_set()
 
 
@@ -54,7 +93,7 @@ async def test_a_rebalance_ending_the_transactions_does_not_stop_the_writes(monk
     monkeypatch.setattr(patches, "_original_commit_and_end_transactions", original_end)
     await patches._flag_and_commit_and_end_transactions(SimpleNamespace(app=fake_app()))
     wrote = False
-    async with patches.writes_of_one_event():
+    async with patches.writes_of_one_event(NO_TABLE):
         wrote = True
     assert wrote
 
@@ -69,7 +108,7 @@ async def test_nothing_is_written_after_the_final_commit_of_a_stop(monkeypatch):
     wrote = asyncio.Event()
 
     async def handle_one_event() -> None:
-        async with patches.writes_of_one_event():
+        async with patches.writes_of_one_event(NO_TABLE):
             wrote.set()
 
     handler = asyncio.ensure_future(handle_one_event())
