@@ -88,8 +88,8 @@ def in_batches(messages: list[Sent], count: int) -> list[list[Sent]]:
 # Issue 8 stays open: under exactly_once these three scenarios still failed now and then. Seen
 # before fixes 3-5 of marvin_faust/patches.py were all in: kill -9 lost 20 of 300 (CI) and 1 of
 # 300; SIGTERM lost 15, 27 and 3 of 200; rebalances answered 1 and 2 of 200 twice. With all five
-# fixes kill -9 and SIGTERM passed 6 runs each (too few to call the defect gone); rebalances
-# passed 3 of 5 (once 2 of 200 answered twice). The figures print either way.
+# fixes kill -9 and SIGTERM passed 7 runs each (too few to call the defect gone); rebalances
+# passed 3 of 6 (2 and 1 of 200 answered twice). The figures print either way.
 OPEN_DEFECT = pytest.mark.xfail(
     reason="issue 8: Faust exactly_once offset handling can still skip or redo a message "
     "around a restart or rebalance (see the comment above)",
