@@ -205,3 +205,37 @@ async def test_the_history_table_waits_for_its_changelog_writes(monkeypatch):
     assert not waiting.done(), "returned before the second write was delivered"
     futures[1].set_result(None)
     await waiting
+
+
+class RevokingConsumer:
+    """Faust's per-partition consumer bookkeeping, with an app handler recording the acks it
+    would commit."""
+
+    def __init__(self, tp) -> None:
+        self.diag = SimpleNamespace(set_flag=lambda flag: None, unset_flag=lambda flag: None)
+        self._active_partitions = {tp}
+        self._paused_partitions = {tp}
+        self._gap: dict = {}
+        self._acked = {tp: [7, 8]}
+        self._acked_index = {tp: {7, 8}}
+        self._read_offset = {tp: 8}
+        self._committed_offset = {tp: 7}
+        self.acked_at_commit: dict = {}
+
+    async def _on_partitions_revoked(self, revoked) -> None:
+        self.acked_at_commit = {tp: list(self._acked.get(tp, [])) for tp in revoked}
+
+
+async def test_a_revocation_commits_the_acks_before_forgetting_them():
+    from faust.types import TP
+
+    revoked, kept = TP("chat", 0), TP("chat", 1)
+    consumer = RevokingConsumer(revoked)
+    consumer._acked[kept] = [3]
+    await patches._on_partitions_revoked_after_their_commit(consumer, {revoked})
+    assert consumer.acked_at_commit == {revoked: [7, 8]}
+    assert revoked not in consumer._active_partitions | consumer._paused_partitions
+    for per_partition in (consumer._acked, consumer._acked_index, consumer._read_offset):
+        assert revoked not in per_partition
+    assert consumer._committed_offset == {}
+    assert consumer._acked == {kept: [3]}  # other partitions' acks are left for their commit

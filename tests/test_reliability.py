@@ -343,3 +343,26 @@ def test_a_second_worker_joining_and_leaving(start_worker, worker_env):
         second.stop()
     drained = wait_answered(env, messages)
     check(env, messages, "rebalances x5", drain_s=round(drained, 1))
+
+
+def test_a_rebalance_while_answers_wait_for_their_commit(start_worker, worker_env):
+    """Answers whose offsets are not committed yet when a second worker joins are committed
+    by the rebalance, not answered a second time (patches.py's fix 6).
+
+    A long commit interval keeps every answer waiting for its commit when the rebalance comes:
+    without fix 6 the worker forgot those acknowledgements, kept their transactions open across
+    the rebalance, rolled its local history back to the committed log and answered again.
+    """
+    slow_commits = {**STANDIN, "MARVIN_COMMIT_INTERVAL": "30"}
+    env = {**worker_env, **slow_commits}
+    first = start_worker(**slow_commits)
+    cids = one_conversation_per_partition(int(STANDIN["MARVIN_PARTITIONS"]))
+    messages = [human_message(cid, f"message {i}") for i in range(10) for cid in cids]
+    send(env, messages)
+    deadline = time.monotonic() + 60
+    while first.log_text().count("Answered ") < len(messages):
+        assert time.monotonic() < deadline, "the first worker did not answer everything"
+        time.sleep(0.2)
+    start_worker(**slow_commits).stop()  # joins (a rebalance), then leaves (another)
+    drained = wait_answered(env, messages, timeout=120)
+    check(env, messages, "rebalance before the commit", drain_s=round(drained, 1))
