@@ -85,18 +85,6 @@ def in_batches(messages: list[Sent], count: int) -> list[list[Sent]]:
     return [messages[i : i + size] for i in range(0, len(messages), size)]
 
 
-# Issue 8 stays open: under exactly_once these three scenarios still failed now and then. Seen
-# before fixes 3-5 of marvin_faust/patches.py were all in: kill -9 lost 20 of 300 (CI) and 1 of
-# 300; SIGTERM lost 15, 27 and 3 of 200; rebalances answered 1 and 2 of 200 twice. With all five
-# fixes kill -9 and SIGTERM passed 7 runs each (too few to call the defect gone); rebalances
-# passed 3 of 6 (2 and 1 of 200 answered twice). The figures print either way.
-OPEN_DEFECT = pytest.mark.xfail(
-    reason="issue 8: Faust exactly_once offset handling can still skip or redo a message "
-    "around a restart or rebalance (see the comment above)",
-    strict=False,
-)
-
-
 def restarts_during_a_run(
     start_worker, env: dict, messages: list[Sent], stop, pause
 ) -> list[float]:
@@ -114,7 +102,6 @@ def restarts_during_a_run(
     return resume_times
 
 
-@OPEN_DEFECT
 def test_kill_minus_nine_during_a_run(start_worker, worker_env):
     env = {**worker_env, **STANDIN}
     messages = conversation_messages(30, 10)
@@ -133,7 +120,6 @@ def test_kill_minus_nine_during_a_run(start_worker, worker_env):
     )
 
 
-@OPEN_DEFECT
 def test_graceful_restarts_during_a_run(start_worker, worker_env):
     env = {**worker_env, **STANDIN}
     messages = conversation_messages(20, 10)
@@ -331,7 +317,6 @@ def test_broker_kill_and_restart_mid_run(start_worker, worker_env, tmp_path):
         broker.stop()
 
 
-@OPEN_DEFECT
 def test_a_second_worker_joining_and_leaving(start_worker, worker_env):
     env = {**worker_env, **STANDIN}
     start_worker(**STANDIN)
