@@ -99,7 +99,7 @@ async def record_greeting(chat: ChatMessage, message_id: str | None) -> Outcome:
     """Store the bot's opening line; every other AI message is the bot's own reply: dropped."""
     if history[chat.conversation_id]:
         return Outcome.DROPPED
-    async with writes_of_one_event(history):
+    async with writes_of_one_event():
         history[chat.conversation_id] = [
             make_turn(chat.role, chat.text, chat.Timestamp, message_id)
         ]
@@ -125,7 +125,7 @@ async def reply_to(chat: ChatMessage, message_id: str | None) -> Outcome:
         headers.append((IN_REPLY_TO_HEADER, message_id.encode()))
     # The stored turns and the reply commit together or not at all: the history is what
     # tells a redelivered message it was answered.
-    async with writes_of_one_event(history):
+    async with writes_of_one_event():
         history[cid] = append_turns(
             past,
             [

@@ -20,8 +20,8 @@ class HistoryTable(faust.Table):
     """A table whose changelog writes can be awaited.
 
     A write is queued in Faust's producer buffer and reaches Kafka later; under exactly_once it
-    joins whatever transaction is open by then, possibly the one after the reply's.
-    ``patches.writes_of_one_event`` awaits :meth:`wait_written` before anything may commit.
+    joins whatever transaction is open by then, possibly the one after the reply's. Every
+    commit awaits :meth:`wait_written` first (``marvin_faust.patches``, fix 4).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

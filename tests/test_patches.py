@@ -21,18 +21,8 @@ def fresh_state(monkeypatch):
     monkeypatch.setattr(patches, "_final_commit_done", asyncio.Event())
 
 
-class NoTable:
-    """A table with nothing to wait for."""
-
-    async def wait_written(self) -> None:
-        return None
-
-
-NO_TABLE = NoTable()
-
-
-def fake_app(*, stopping: bool = False) -> SimpleNamespace:
-    return SimpleNamespace(should_stop=stopping, in_transaction=False)
+def fake_app(*, stopping: bool = False, tables: dict | None = None) -> SimpleNamespace:
+    return SimpleNamespace(should_stop=stopping, in_transaction=False, tables=tables or {})
 
 
 async def settle() -> None:
@@ -49,7 +39,7 @@ async def test_a_commit_waits_until_the_event_has_written_everything(monkeypatch
 
     monkeypatch.setattr(patches, "_original_commit", original_commit)
     consumer = SimpleNamespace(app=fake_app())
-    async with patches.writes_of_one_event(NO_TABLE):
+    async with patches.writes_of_one_event():
         commit = asyncio.ensure_future(patches._commit_between_events(consumer))
         await settle()
         assert not committed.is_set(), "a commit ran between the writes of one event"
@@ -57,33 +47,61 @@ async def test_a_commit_waits_until_the_event_has_written_everything(monkeypatch
     assert committed.is_set()
 
 
-async def test_the_lock_is_held_until_the_table_writes_are_delivered(monkeypatch):
+class SlowTable:
+    """A table whose buffered writes are delivered when the test says so."""
+
+    def __init__(self) -> None:
+        self.delivered = asyncio.get_running_loop().create_future()
+
+    async def wait_written(self) -> None:
+        await self.delivered
+
+
+async def test_a_commit_first_waits_until_the_table_writes_are_delivered(monkeypatch):
     committed = asyncio.Event()
-    delivered = asyncio.get_running_loop().create_future()
 
     async def original_commit(self, topics=None, start_new_transaction=True):
         committed.set()
         return True
 
-    class SlowTable:
-        async def wait_written(self) -> None:
-            await delivered
-
     monkeypatch.setattr(patches, "_original_commit", original_commit)
-    consumer = SimpleNamespace(app=fake_app())
-    commits: list[asyncio.Future] = []
+    table = SlowTable()
+    consumer = SimpleNamespace(app=fake_app(tables={"history": table, "plain": object()}))
+    commit = asyncio.ensure_future(patches._commit_between_events(consumer))
+    await settle()
+    assert not committed.is_set(), "committed before the table write was delivered"
+    # Meanwhile no event writes: what the commit waits for is all it commits.
+    wrote = asyncio.Event()
 
     async def handle_one_event() -> None:
-        async with patches.writes_of_one_event(SlowTable()):
-            commits.append(asyncio.ensure_future(patches._commit_between_events(consumer)))
+        async with patches.writes_of_one_event():
+            wrote.set()
 
     handler = asyncio.ensure_future(handle_one_event())
     await settle()
-    assert not committed.is_set(), "a commit ran before the table write was delivered"
-    delivered.set_result(None)
-    await handler
-    assert await commits[0] is True
+    assert not wrote.is_set()
+    table.delivered.set_result(None)
+    assert await commit is True
     assert committed.is_set()
+    await handler
+    assert wrote.is_set()
+
+
+async def test_a_commit_whose_table_write_failed_raises_and_commits_nothing(monkeypatch):
+    committed = asyncio.Event()
+
+    async def original_commit(self, topics=None, start_new_transaction=True):
+        committed.set()
+        return True
+
+    monkeypatch.setattr(patches, "_original_commit", original_commit)
+    table = SlowTable()
+    table.delivered.set_exception(RuntimeError("ProducerFenced"))
+    consumer = SimpleNamespace(app=fake_app(tables={"history": table}))
+    with pytest.raises(RuntimeError, match="ProducerFenced"):
+        await patches._commit_between_events(consumer)
+    assert not committed.is_set()
+    assert not patches._commit_barrier.locked()
 
 
 async def test_a_rebalance_ending_the_transactions_does_not_stop_the_writes(monkeypatch):
@@ -93,7 +111,7 @@ async def test_a_rebalance_ending_the_transactions_does_not_stop_the_writes(monk
     monkeypatch.setattr(patches, "_original_commit_and_end_transactions", original_end)
     await patches._flag_and_commit_and_end_transactions(SimpleNamespace(app=fake_app()))
     wrote = False
-    async with patches.writes_of_one_event(NO_TABLE):
+    async with patches.writes_of_one_event():
         wrote = True
     assert wrote
 
@@ -108,7 +126,7 @@ async def test_nothing_is_written_after_the_final_commit_of_a_stop(monkeypatch):
     wrote = asyncio.Event()
 
     async def handle_one_event() -> None:
-        async with patches.writes_of_one_event(NO_TABLE):
+        async with patches.writes_of_one_event():
             wrote.set()
 
     handler = asyncio.ensure_future(handle_one_event())
