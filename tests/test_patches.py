@@ -30,21 +30,32 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-async def test_a_commit_waits_until_the_event_has_written_everything(monkeypatch):
-    committed = asyncio.Event()
+@pytest.fixture()
+def recorded_commits(monkeypatch) -> list[bool]:
+    """Faust's commit replaced by a recorder (of ``start_new_transaction``); its final commit
+    commits through the patched ``commit``, as Faust's does."""
+    commits: list[bool] = []
 
     async def original_commit(self, topics=None, start_new_transaction=True):
-        committed.set()
+        commits.append(start_new_transaction)
         return True
 
+    async def original_end(self):
+        await patches._commit_between_events(self, start_new_transaction=False)
+
     monkeypatch.setattr(patches, "_original_commit", original_commit)
+    monkeypatch.setattr(patches, "_original_commit_and_end_transactions", original_end)
+    return commits
+
+
+async def test_a_commit_waits_until_the_event_has_written_everything(recorded_commits):
     consumer = SimpleNamespace(app=fake_app())
     async with patches.writes_of_one_event():
         commit = asyncio.ensure_future(patches._commit_between_events(consumer))
         await settle()
-        assert not committed.is_set(), "a commit ran between the writes of one event"
+        assert not recorded_commits, "a commit ran between the writes of one event"
     assert await commit is True
-    assert committed.is_set()
+    assert recorded_commits == [True]
 
 
 class SlowTable:
@@ -57,19 +68,12 @@ class SlowTable:
         await self.delivered
 
 
-async def test_a_commit_first_waits_until_the_table_writes_are_delivered(monkeypatch):
-    committed = asyncio.Event()
-
-    async def original_commit(self, topics=None, start_new_transaction=True):
-        committed.set()
-        return True
-
-    monkeypatch.setattr(patches, "_original_commit", original_commit)
+async def test_a_commit_first_waits_until_the_table_writes_are_delivered(recorded_commits):
     table = SlowTable()
     consumer = SimpleNamespace(app=fake_app(tables={"history": table, "plain": object()}))
     commit = asyncio.ensure_future(patches._commit_between_events(consumer))
     await settle()
-    assert not committed.is_set(), "committed before the table write was delivered"
+    assert not recorded_commits, "committed before the table write was delivered"
     # Meanwhile no event writes: what the commit waits for is all it commits.
     wrote = asyncio.Event()
 
@@ -82,25 +86,18 @@ async def test_a_commit_first_waits_until_the_table_writes_are_delivered(monkeyp
     assert not wrote.is_set()
     table.delivered.set_result(None)
     assert await commit is True
-    assert committed.is_set()
+    assert recorded_commits == [True]
     await handler
     assert wrote.is_set()
 
 
-async def test_a_commit_whose_table_write_failed_raises_and_commits_nothing(monkeypatch):
-    committed = asyncio.Event()
-
-    async def original_commit(self, topics=None, start_new_transaction=True):
-        committed.set()
-        return True
-
-    monkeypatch.setattr(patches, "_original_commit", original_commit)
+async def test_a_commit_whose_table_write_failed_raises_and_commits_nothing(recorded_commits):
     table = SlowTable()
     table.delivered.set_exception(RuntimeError("ProducerFenced"))
     consumer = SimpleNamespace(app=fake_app(tables={"history": table}))
     with pytest.raises(RuntimeError, match="ProducerFenced"):
         await patches._commit_between_events(consumer)
-    assert not committed.is_set()
+    assert not recorded_commits
     assert not patches._commit_barrier.locked()
 
 
@@ -138,24 +135,6 @@ async def test_nothing_is_written_after_the_final_commit_of_a_stop(monkeypatch):
     with pytest.raises(asyncio.CancelledError):
         await handler
     assert not wrote.is_set()
-
-
-@pytest.fixture()
-def recorded_commits(monkeypatch) -> list[bool]:
-    """Faust's commit replaced by a recorder (of ``start_new_transaction``); its final commit
-    commits through the patched ``commit``, as Faust's does."""
-    commits: list[bool] = []
-
-    async def original_commit(self, topics=None, start_new_transaction=True):
-        commits.append(start_new_transaction)
-        return True
-
-    async def original_end(self):
-        await patches._commit_between_events(self, start_new_transaction=False)
-
-    monkeypatch.setattr(patches, "_original_commit", original_commit)
-    monkeypatch.setattr(patches, "_original_commit_and_end_transactions", original_end)
-    return commits
 
 
 async def test_no_commit_follows_the_final_commit_of_a_stop(recorded_commits):
