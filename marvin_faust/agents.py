@@ -6,7 +6,10 @@ Per message, in order:
 2. drop the bot's own messages, except an opening greeting, stored as the first AI turn;
 3. skip a message id already in the history (a redelivery);
 4. trim the history to the token budget, build the prompt, ask the model in a worker thread;
-5. assign the new history (human turn + AI turn), then send the reply, same key.
+5. send the reply, same key, to the partition the message came from, and assign the new
+   history (human turn + AI turn): under exactly_once both commit with the message's offset in
+   one transaction; under at_least_once the reply is delivered before the history that marks
+   the message answered is written.
 
 Every failure is caught per message and dead-lettered, so nothing is acked silently (Faust acks
 an event even when the agent body raised) and the agent keeps running.
@@ -15,7 +18,7 @@ an event even when the agent body raised) and the agent keeps running.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from enum import StrEnum
 from typing import Any
 
@@ -65,15 +68,43 @@ class Outcome(StrEnum):
 async def answer(stream: Any) -> AsyncIterator[Outcome]:
     # Faust may start the agent before the model has loaded: let the stream buffer meanwhile.
     await backend.wait_until_loaded()
+    replies_on_source_partition = await reply_partitions_match()
     # Yielding the outcome lets agent.test_context() wait until a message is fully handled.
     async for event in stream.events():
         message = event.message
-        outcome = await handle(message.key, message.value, message.headers, source=_source(message))
+        outcome = await handle(
+            message.key,
+            message.value,
+            message.headers,
+            source=_source(message),
+            reply_partition=message.partition if replies_on_source_partition else None,
+        )
         metrics.MESSAGES.labels(outcome=outcome.value).inc()
         yield outcome
 
 
-async def handle(key: bytes | None, value: bytes | None, headers: Any, *, source: str) -> Outcome:
+async def reply_partitions_match() -> bool:
+    """Whether a reply can go to its message's partition: the reply topic is the chat topic, or
+    has as many partitions. Then a conversation stays on one partition, in order, whichever
+    partitioner its front end used; otherwise replies are keyed with ``MARVIN_PARTITIONER``."""
+    if reply_topic is chat_topic:
+        return True
+    await reply_topic.maybe_declare()  # asking for a missing topic would create it
+    producer = app.producer._ensure_producer()  # Faust offers no public call for this
+    chat, replies = [
+        await producer.partitions_for(topic.get_topic_name()) for topic in (chat_topic, reply_topic)
+    ]
+    return len(chat) == len(replies)
+
+
+async def handle(
+    key: bytes | None,
+    value: bytes | None,
+    headers: Any,
+    *,
+    source: str,
+    reply_partition: int | None = None,
+) -> Outcome:
     try:
         chat = parse_chat_message(value, max_text_chars=settings.max_text_chars)
         if key is None or key.decode("utf-8", errors="replace") != chat.conversation_id:
@@ -82,7 +113,7 @@ async def handle(key: bytes | None, value: bytes | None, headers: Any, *, source
             return await record_greeting(chat, header_value(headers, MESSAGE_ID_HEADER))
         if chat.role != settings.human_role:
             raise BadMessage(f"unknown role {chat.role!r}")
-        return await reply_to(chat, header_value(headers, MESSAGE_ID_HEADER))
+        return await reply_to(chat, header_value(headers, MESSAGE_ID_HEADER), reply_partition)
     except BadMessage as exc:
         cause, reason = "bad-message", f"bad message: {exc}"
     except ModelError as exc:
@@ -106,7 +137,7 @@ async def record_greeting(chat: ChatMessage, message_id: str | None) -> Outcome:
     return Outcome.GREETING
 
 
-async def reply_to(chat: ChatMessage, message_id: str | None) -> Outcome:
+async def reply_to(chat: ChatMessage, message_id: str | None, partition: int | None) -> Outcome:
     cid = chat.conversation_id
     past = history[cid]
     if has_message(past, message_id):
@@ -123,9 +154,15 @@ async def reply_to(chat: ChatMessage, message_id: str | None) -> Outcome:
     headers = [(MESSAGE_ID_HEADER, reply_id.encode())]
     if message_id:
         headers.append((IN_REPLY_TO_HEADER, message_id.encode()))
-    # The stored turns and the reply commit together or not at all: the history is what
-    # tells a redelivered message it was answered.
+    # The history is what tells a redelivered message it was answered: under exactly_once it
+    # commits with the reply or not at all; under at_least_once it is written once the reply
+    # is delivered (a crash in between answers the message twice, never loses it).
     async with writes_of_one_event():
+        await delivered(
+            reply_topic.send(
+                key=cid.encode(), value=reply.to_bytes(), headers=headers, partition=partition
+            )
+        )
         history[cid] = append_turns(
             past,
             [
@@ -134,7 +171,6 @@ async def reply_to(chat: ChatMessage, message_id: str | None) -> Outcome:
             ],
             settings.max_stored_turns,
         )
-        await reply_topic.send(key=cid.encode(), value=reply.to_bytes(), headers=headers)
     log.info(
         "Answered %s in %.2fs (%d tokens, %.1f tokens/s)",
         cid,
@@ -150,11 +186,22 @@ async def dead_letter(
 ) -> None:
     log.warning("Dead-lettering %s: %s", source, reason)
     kept = [(k, v) for k, v in header_pairs(headers) if k not in (REASON_HEADER, SOURCE_HEADER)]
-    await dead_letter_topic.send(
-        key=key,
-        value=value,
-        headers=[*kept, (REASON_HEADER, reason.encode()), (SOURCE_HEADER, source.encode())],
+    await delivered(
+        dead_letter_topic.send(
+            key=key,
+            value=value,
+            headers=[*kept, (REASON_HEADER, reason.encode()), (SOURCE_HEADER, source.encode())],
+        )
     )
+
+
+async def delivered(sending: Awaitable[Awaitable[Any]]) -> None:
+    """Send; under at_least_once also wait until Kafka has the record, since the offset may
+    commit as soon as the event is done. (Under exactly_once the record is in the event's
+    transaction: waiting would only cost a round trip per message.)"""
+    delivery = await sending
+    if not app.in_transaction:
+        await delivery
 
 
 def _source(message: Any) -> str:

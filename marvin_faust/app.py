@@ -20,6 +20,7 @@ from mode import Service
 from . import patches
 from .llm import ChatBackend, ModelLoadError, create_backend
 from .metrics import REGISTRY
+from .partitioners import partitioner_named
 from .security import CredentialsCheck, broker_credentials
 from .settings import Settings, SettingsError, load_settings
 
@@ -70,7 +71,23 @@ def discard_unclean_state(tabledir: Path) -> bool:
 
 
 class MarvinApp(faust.App):
-    """faust.App that only trusts local table state left by a clean shutdown."""
+    """faust.App that only trusts local table state left by a clean shutdown, on a transport
+    whose transactions hold what each event sends (``patches.Transport``)."""
+
+    def _new_transport(self) -> patches.Transport:
+        return patches.Transport(self.conf.broker_consumer, self)
+
+    def _crash(self, reason: BaseException) -> None:
+        # Faust stops the worker after a fatal error (a fenced producer, a crashed consumer)
+        # under a heap of tracebacks: say in one line what happened and what follows.
+        if not self.crashed:
+            log.critical(
+                "marvin-faust: fatal error, the worker exits non-zero so that its supervisor "
+                "restarts it: %s: %s",
+                type(reason).__name__,
+                reason,
+            )
+        super()._crash(reason)
 
     async def on_first_start(self) -> None:
         await super().on_first_start()
@@ -104,6 +121,9 @@ def create_app(settings: Settings) -> faust.App:
         autodiscover=True,
         origin="marvin_faust",
         topic_partitions=settings.partitions,
+        # Keys placed as the fleet's producers place them, so table_route finds a conversation
+        # on the partition its messages really land on.
+        producer_partitioner=partitioner_named(settings.partitioner),
         processing_guarantee=settings.processing_guarantee,
         # Under exactly_once a reply is visible to read_committed consumers only once its
         # transaction commits: commit often, or every reply waits for Faust's 2.8 s default.

@@ -25,6 +25,7 @@ from .models import (
     new_message_id,
     parse_chat_message,
 )
+from .partitioners import partitioner_named
 from .security import aiokafka_options, credentials_problem
 from .settings import Settings
 
@@ -63,6 +64,8 @@ class ChatClient:
             bootstrap_servers=settings.bootstrap_servers,
             acks="all",
             enable_idempotence=True,
+            # Keys placed as the rest of the fleet places them (MARVIN_PARTITIONER).
+            partitioner=partitioner_named(settings.partitioner),
             **security,
         )
         self._consumer = (

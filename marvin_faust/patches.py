@@ -1,4 +1,4 @@
-"""Six fixes to faust-streaming 0.15.3, installed by ``apply()`` before the app is made. The
+"""Seven fixes to faust-streaming 0.15.3, six installed by ``apply()`` before the app is made. The
 first two concern exactly_once: without them a rebalance breaks a worker; both were seen here
 when one of two workers stopped (tests/test_scale_out.py). None is fixed upstream.
 
@@ -78,15 +78,30 @@ when one of two workers stopped (tests/test_scale_out.py). None is fixed upstrea
    the revoked partitions' acknowledgements after the app's handler has committed them.
    Probably what faust-streaming/faust#502 ("messages were processed twice after
    rebalancing") reports; not fixed upstream.
+
+7. What an event sends commits with that event. Faust chooses a record's transaction by the
+   partition the record goes to. That is the event's own transaction only when the record goes
+   to the event's partition number of a co-partitioned topic. A reply keyed by murmur2 to a
+   message that a CRC32 producer (librdkafka: confluent-kafka, Quix Streams) had put on another
+   partition landed in that other partition's transaction, which Faust commits only when that
+   partition's offset moves; but the worker's own ``read_committed`` consumer waits on that
+   partition behind the uncommitted reply, so nothing moves, the transaction times out and the
+   worker crashes with ``ProducerFenced`` (seen: 4 replies, none ever visible, a crash 60 s
+   later). A record for a topic the consumer has no metadata for (a separate reply topic, the
+   dead-letter topic) went out with no transaction at all: faust-streaming/faust#177. As Kafka
+   Streams sends everything a task produces through the task's producer, :class:`Transport`'s
+   transaction manager sends what an event produces in the transaction of the event's
+   partition, wherever it is written. Installed through Faust's transport, not ``apply()``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, runtime_checkable
 
+from faust.streams import current_event
 from faust.transport.consumer import (
     CONSUMER_PARTITIONS_REVOKED,
     Consumer,
@@ -94,7 +109,8 @@ from faust.transport.consumer import (
     TransactionManager,
 )
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
-from faust.types import TP
+from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
+from faust.types import TP, HeadersArg, RecordMetadata
 
 _original_highwaters = AIOKafkaConsumerThread._highwaters
 _original_on_rebalance = TransactionManager.on_rebalance
@@ -128,6 +144,37 @@ def _transactional_ids(manager: TransactionManager, tps: Iterable[TP]) -> set[st
         )
         for tp in tps
     }
+
+
+class EventTransactionManager(TransactionManager):
+    """Fix 7: a record sent while an event is processed joins that event's transaction."""
+
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        timestamp: float | None,
+        headers: HeadersArg | None,
+        *,
+        transactional_id: str | None = None,
+    ) -> Awaitable[RecordMetadata]:
+        event = current_event()
+        if event is None:  # a changelog write from Faust's buffer: it names its partition
+            return await super().send(topic, key, value, partition, timestamp, headers)
+        [transactional_id] = _transactional_ids(self, [event.message.tp])
+        if partition is None:  # None for a topic the consumer has no metadata for
+            partition = self.consumer.key_partition(topic, key, None)
+        return await self.producer.send(
+            topic, key, value, partition, timestamp, headers, transactional_id=transactional_id
+        )
+
+
+class Transport(AIOKafkaTransport):
+    """Faust's aiokafka transport with fix 7's transaction manager (``MarvinApp`` uses it)."""
+
+    TransactionManager = EventTransactionManager
 
 
 async def _on_rebalance_stopping_revoked_producers(

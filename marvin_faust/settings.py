@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, FilePath, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .partitioners import PartitionerName
+
 ENV_PREFIX = "MARVIN_"
 
 PERSONA = (
@@ -61,6 +63,13 @@ class Settings(BaseSettings):
         10.0,
         ge=6.0,
         description="Seconds before a silent (killed) worker's partitions move to the others.",
+    )
+    partitioner: PartitionerName = Field(
+        "murmur2",
+        description=(
+            "How the fleet's producers place keys: murmur2 (Java, aiokafka, Faust) or crc32 "
+            "(librdkafka: confluent-kafka, Quix Streams); routes the conversation views."
+        ),
     )
     max_poll_records: int = Field(10, ge=1, description="Records fetched per poll.")
     standby_replicas: int = Field(

@@ -20,8 +20,9 @@ class HistoryTable(faust.Table):
     """A table whose changelog writes can be awaited.
 
     A write is queued in Faust's producer buffer and reaches Kafka later; under exactly_once it
-    joins whatever transaction is open by then, possibly the one after the reply's. Every
-    commit awaits :meth:`wait_written` first (``marvin_faust.patches``, fix 4).
+    joins whatever transaction is open by then, possibly the one after the reply's; under
+    at_least_once the offset could commit before it is delivered. Every commit awaits
+    :meth:`wait_written` first (``marvin_faust.patches``, fix 4).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -30,8 +31,7 @@ class HistoryTable(faust.Table):
 
     def send_changelog(self, *args: Any, **kwargs: Any) -> FutureMessage:
         future = super().send_changelog(*args, **kwargs)
-        if self.app.in_transaction:  # elsewhere nothing needs to wait (nor could, in tests)
-            self._unwritten.append(future)
+        self._unwritten.append(future)
         return future
 
     async def wait_written(self) -> None:

@@ -77,6 +77,8 @@ async def health(view: View, request: Request) -> Response:
 
 @app.page("/ready/")
 async def ready(view: View, request: Request) -> Response:
+    if app.crashed:  # stopping after a fatal error: send traffic elsewhere
+        return view.json({"status": "crashed", "reason": repr(app.crash_reason)}, status=503)
     waiting = []
     if not app.tables.recovery.completed.is_set():
         waiting.append("table recovery")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from unittest.mock import AsyncMock
 
@@ -32,8 +33,10 @@ async def agent(monkeypatch):
     app.flow_control.resume()
     if not backend.loaded:
         await backend.start()
-    monkeypatch.setattr(agents.reply_topic, "send", AsyncMock())
-    monkeypatch.setattr(agents.dead_letter_topic, "send", AsyncMock())
+    delivered = asyncio.get_running_loop().create_future()  # what a send returns: its delivery
+    delivered.set_result(None)
+    monkeypatch.setattr(agents.reply_topic, "send", AsyncMock(return_value=delivered))
+    monkeypatch.setattr(agents.dead_letter_topic, "send", AsyncMock(return_value=delivered))
     async with agents.answer.test_context() as test_agent:
         yield test_agent
     history.data.clear()
@@ -165,3 +168,26 @@ async def test_a_model_timeout_is_dead_lettered(agent, monkeypatch):
     assert reasons()[0].startswith("model failed: no reply after")
     await agent.put(wire("c9", "and now?"), key=b"c9")
     assert len(replies()) == 1
+
+
+async def test_the_reply_goes_to_the_partition_its_message_came_from(agent):
+    # A CRC32 producer (librdkafka) may put a conversation where murmur2 would not.
+    await agent.put(wire("c9", "Hello"), key=b"c9", partition=3)
+    [reply] = replies()
+    assert reply["partition"] == 3
+
+
+async def test_at_least_once_writes_the_history_only_once_the_reply_is_delivered(
+    agent, monkeypatch
+):
+    assert not app.in_transaction  # outside a worker: no transactions, as at_least_once
+    delivery = asyncio.get_running_loop().create_future()
+    monkeypatch.setattr(agents.reply_topic, "send", AsyncMock(return_value=delivery))
+    handling = asyncio.ensure_future(agent.put(wire("c10", "Hello"), key=b"c10"))
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert agents.reply_topic.send.await_count == 1
+    assert history["c10"] == [], "the history said answered before the reply was delivered"
+    delivery.set_result(None)
+    await handling
+    assert [t["role"] for t in history["c10"]] == ["human", "AI"]

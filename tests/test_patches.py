@@ -181,7 +181,6 @@ async def test_the_seek_runs_with_the_flow_stopped_and_restores_it(monkeypatch):
 async def test_the_history_table_waits_for_its_changelog_writes(monkeypatch):
     from faust.tables.base import Collection
 
-    from marvin_faust.app import app
     from marvin_faust.tables import history
 
     futures: list[asyncio.Future] = []
@@ -191,7 +190,7 @@ async def test_the_history_table_waits_for_its_changelog_writes(monkeypatch):
         return futures[-1]
 
     monkeypatch.setattr(Collection, "send_changelog", send_changelog)
-    monkeypatch.setattr(type(app), "in_transaction", property(lambda self: True))
+    monkeypatch.setattr(history, "_unwritten", [])  # not what other tests' agents wrote
     history.send_changelog(0, b"c1", [])
     history.send_changelog(0, b"c2", [])
     waiting = asyncio.ensure_future(history.wait_written())
@@ -236,3 +235,65 @@ async def test_a_revocation_commits_the_acks_before_forgetting_them():
         assert revoked not in per_partition
     assert consumer._committed_offset == {}
     assert consumer._acked == {kept: [3]}  # other partitions' acks are left for their commit
+
+
+class Event:
+    """What ``faust.current_event()`` returns while an agent handles a record."""
+
+    def __init__(self, tp) -> None:
+        self.message = SimpleNamespace(tp=tp)
+
+
+class RecordingProducer:
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+
+    async def send(self, topic, key, value, partition, timestamp, headers, *, transactional_id):
+        self.sent.append((topic, partition, transactional_id))
+        return asyncio.get_running_loop().create_future()
+
+
+def transaction_manager(consumer_partitions: dict[str, int]):
+    """An EventTransactionManager on app "marvin" whose topics are all in assignor group 0;
+    the consumer knows ``consumer_partitions`` (topic -> the partition a key hashes to)."""
+    manager = patches.EventTransactionManager.__new__(patches.EventTransactionManager)
+    manager.app = SimpleNamespace(
+        conf=SimpleNamespace(id="marvin"),
+        assignor=SimpleNamespace(group_for_topic=lambda topic: 0),
+    )
+    manager.consumer = SimpleNamespace(
+        key_partition=lambda topic, key, partition: (
+            partition if partition is not None else consumer_partitions.get(topic)
+        )
+    )
+    manager.producer = RecordingProducer()
+    return manager
+
+
+async def test_what_an_event_sends_joins_the_transaction_of_the_events_partition():
+    import weakref
+
+    from faust.streams import _current_event
+    from faust.types import TP
+
+    manager = transaction_manager({"chat": 3})
+    event = Event(TP("chat", 1))  # a librdkafka producer put the message on partition 1
+    token = _current_event.set(weakref.ref(event))
+    try:
+        await manager.send("chat", b"c1", b"reply", None, None, None)  # murmur2 says 3
+        await manager.send("chat", b"c1", b"reply", 1, None, None)
+        await manager.send("chat-dead-letters", b"c1", b"bad", None, None, None)  # no metadata
+    finally:
+        _current_event.reset(token)
+    assert manager.producer.sent == [
+        ("chat", 3, "marvin-0-1"),
+        ("chat", 1, "marvin-0-1"),
+        ("chat-dead-letters", None, "marvin-0-1"),
+    ]
+
+
+async def test_a_send_outside_an_event_keeps_the_transaction_of_its_partition():
+    manager = transaction_manager({"history-changelog": 2})
+    # Faust's buffered changelog writes name their partition and have no current event.
+    await manager.send("history-changelog", b"c1", b"[]", 2, None, None)
+    assert manager.producer.sent == [("history-changelog", 2, "marvin-0-2")]

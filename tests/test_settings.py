@@ -29,6 +29,7 @@ def test_environment_variables_override(monkeypatch):
         ("MARVIN_BACKEND", "gpt", "MARVIN_BACKEND: Input should be 'llamacpp' or 'standin'"),
         ("MARVIN_MODEL_SOURCE", "path", "MARVIN_MODEL_PATH must be set"),
         ("MARVIN_BROKER", "127.0.0.1:9092", "MARVIN_BROKER must start with kafka://"),
+        ("MARVIN_PARTITIONER", "fnv1a", "MARVIN_PARTITIONER: Input should be 'murmur2' or 'crc32'"),
     ],
 )
 def test_bad_settings_name_the_variable_and_the_reason(monkeypatch, name, value, message):

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.partitioner import DefaultPartitioner
+
+from marvin_faust.partitioners import Partitioner, murmur2_partitioner
 
 READY_LINE = "[^Worker]: Ready"
 FAUST = str(Path(sys.executable).parent / "faust")
@@ -137,9 +138,10 @@ def changelog_topic(app_id: str) -> str:
     return f"{app_id}-conversation-history-changelog"
 
 
-def one_conversation_per_partition(partitions: int) -> list[str]:
-    """Conversation ids that the default partitioner puts on partitions 0, 1, ..."""
-    partitioner = DefaultPartitioner()
+def one_conversation_per_partition(
+    partitions: int, partitioner: Partitioner = murmur2_partitioner
+) -> list[str]:
+    """Conversation ids that ``partitioner`` (aiokafka's murmur2) puts on partitions 0, 1, ..."""
     every = list(range(partitions))
     found: dict[int, str] = {}
     while len(found) < partitions:
