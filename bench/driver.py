@@ -1,6 +1,9 @@
-"""The front end's side of every measurement: a plain aiokafka producer writing human records in
-the wire format, and a consumer matching each reply to its message by the ``in-reply-to``
-header. The same driver talks to the worker and to the bare baseline loop.
+"""The front end's side of every measurement: a producer of one of the two client families
+writing human records in the wire format, and a consumer matching each reply to its message by
+the ``in-reply-to`` header. The same driver talks to the worker and to the bare baseline loop.
+
+Families: ``aiokafka`` (murmur2 keys, as the Java client) and ``librdkafka`` (confluent-kafka
+with its defaults, the client under Quix Streams: CRC32 keys).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from confluent_kafka import Producer as LibrdkafkaProducer
 
 from marvin_faust.models import (
     IN_REPLY_TO_HEADER,
@@ -21,6 +25,7 @@ from marvin_faust.models import (
 )
 
 TOPIC_WAIT_SECONDS = 60.0
+FAMILIES = ("aiokafka", "librdkafka")
 
 
 @dataclass(frozen=True)
@@ -43,10 +48,22 @@ class Driver:
     """
 
     def __init__(
-        self, bootstrap: str, topic: str, isolation_level: str = "read_uncommitted"
+        self,
+        bootstrap: str,
+        topic: str,
+        isolation_level: str = "read_uncommitted",
+        family: str = "aiokafka",
     ) -> None:
+        if family not in FAMILIES:
+            raise ValueError(f"unknown producer family {family!r}; choose from {FAMILIES}")
         self.topic = topic
+        # The aiokafka producer also answers the metadata call of _listen_from_end.
         self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        self.librdkafka = (
+            LibrdkafkaProducer({"bootstrap.servers": bootstrap, "linger.ms": 0})
+            if family == "librdkafka"
+            else None
+        )
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
             group_id=None,
@@ -72,6 +89,8 @@ class Driver:
             await asyncio.gather(self._reader, return_exceptions=True)
         await self.producer.stop()
         await self.consumer.stop()
+        if self.librdkafka is not None:
+            await asyncio.to_thread(self.librdkafka.flush, 30)
 
     async def _listen_from_end(self) -> None:
         # The producer's metadata call waits for the topic (which the worker or the bench has
@@ -106,12 +125,13 @@ class Driver:
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[message_id] = future
         self._sent_at[message_id] = time.perf_counter()
-        await self.producer.send(
-            self.topic,
-            key=cid.encode(),
-            value=make_message(cid, "human", text).to_bytes(),
-            headers=[(MESSAGE_ID_HEADER, message_id.encode())],
-        )
+        key, value = cid.encode(), make_message(cid, "human", text).to_bytes()
+        headers = [(MESSAGE_ID_HEADER, message_id.encode())]
+        if self.librdkafka is not None:
+            self.librdkafka.produce(self.topic, key=key, value=value, headers=headers)
+            self.librdkafka.poll(0)  # serves delivery reports; librdkafka sends from its thread
+        else:
+            await self.producer.send(self.topic, key=key, value=value, headers=headers)
         return future
 
     async def ask(self, cid: str, text: str, timeout: float = 120.0) -> Reply:
@@ -121,3 +141,5 @@ class Driver:
 
     async def flush(self) -> None:
         await self.producer.flush()
+        if self.librdkafka is not None:
+            await asyncio.to_thread(self.librdkafka.flush, 30)

@@ -74,6 +74,7 @@ async def latency(
     concurrency: int,
     model_seconds: float,
     isolation_level: str = "read_uncommitted",
+    family: str = "aiokafka",
 ) -> LatencyResult:
     """Round trips, each waiting for its own reply; at most ``concurrency`` in flight.
 
@@ -97,7 +98,7 @@ async def latency(
             round_trips.record_value(max(1, round(micros)))
             overheads.record_value(max(1, round(micros - model_us)))
 
-    async with Driver(bootstrap, topic, isolation_level=isolation_level) as driver:
+    async with Driver(bootstrap, topic, isolation_level=isolation_level, family=family) as driver:
         await warm_up(driver)
         started = time.perf_counter()
         await asyncio.gather(*(client(driver) for _ in range(concurrency)))
@@ -138,13 +139,14 @@ async def throughput(
     messages: int,
     conversations: int,
     timeout: float = 900.0,
+    family: str = "aiokafka",
 ) -> ThroughputResult:
     """Produce ``messages`` human records as fast as the producer takes them (round-robin over
     ``conversations``), then wait for every reply; messages/s = messages / (last reply - first
     send). The producer outruns one worker, so this is the worker's (or the loop's) rate.
     """
     cids = conversation_ids(conversations)
-    async with Driver(bootstrap, topic) as driver:
+    async with Driver(bootstrap, topic, family=family) as driver:
         await warm_up(driver, count=5)
         started = time.perf_counter()
         futures = [

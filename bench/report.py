@@ -63,20 +63,26 @@ def markdown(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _family_key(row: dict[str, Any]) -> tuple[str, str]:
+    """(guarantee, producer family) of a row; rows from before the families were aiokafka."""
+    return row["guarantee"], row.get("producer", "aiokafka")
+
+
 def _latency(section: dict[str, Any]) -> list[str]:
     rows = section.get("rows", [])
     if not rows:
         return []
-    base = {r["guarantee"]: r for r in rows if r["path"].startswith("bare")}
+    base = {_family_key(r): r for r in rows if r["path"].startswith("bare")}
     first = rows[0]
     table = []
     for row in rows:
-        b = base.get(row["guarantee"], {}).get("overhead_ms", {})
+        b = base.get(_family_key(row), {}).get("overhead_ms", {})
         o, lat = row["overhead_ms"], row["latency_ms"]
         table.append(
             [
                 row["path"],
                 row["guarantee"],
+                row.get("producer", "aiokafka"),
                 o["p50"],
                 o["p95"],
                 o["p99"],
@@ -91,13 +97,15 @@ def _latency(section: dict[str, Any]) -> list[str]:
         f"Round trip from producing a human record to consuming its reply, minus the stand-in's "
         f"fixed model time; {first['messages']:,} messages over {first['conversations']} "
         f"conversations, {first['concurrency']} in flight, read_committed client, after 20 "
-        "warm-up round trips. Ratios are against the bare aiokafka loop with the same "
-        "guarantee (exactly_once loop: one transaction per fetched batch).",
+        "warm-up round trips. Producer: aiokafka (murmur2 keys) or librdkafka (confluent-kafka "
+        "defaults, CRC32 keys). Ratios are against the bare aiokafka loop with the same "
+        "guarantee and producer (exactly_once loop: one transaction per fetched batch).",
         "",
         *_table(
             [
                 "path",
                 "guarantee",
+                "producer",
                 "overhead p50 ms",
                 "p95 ms",
                 "p99 ms",
@@ -114,14 +122,14 @@ def _throughput(section: dict[str, Any]) -> list[str]:
     rows = section.get("rows", [])
     if not rows:
         return []
-    cases = {(r["path"], r["guarantee"]): {c["conversations"]: c for c in r["cases"]} for r in rows}
-    bare_alo = cases.get(("bare aiokafka loop", "at_least_once"), {})
-    bare_eo = cases.get(("bare aiokafka loop", "exactly_once"), {})
+    cases = {
+        (r["path"], *_family_key(r)): {c["conversations"]: c for c in r["cases"]} for r in rows
+    }
     table = []
-    for guarantee in [r["guarantee"] for r in rows if r["path"] == "worker"]:
-        worker = cases[("worker", guarantee)]
-        faust_loop = cases.get(("minimal Faust agent", guarantee), {})
-        bare = bare_eo if guarantee == "exactly_once" else bare_alo
+    for guarantee, family in [_family_key(r) for r in rows if r["path"] == "worker"]:
+        worker = cases[("worker", guarantee, family)]
+        faust_loop = cases.get(("minimal Faust agent", guarantee, "aiokafka"), {})
+        bare = cases.get(("bare aiokafka loop", guarantee, family), {})
         for conversations in sorted(worker):
             w = worker[conversations]
             f = faust_loop.get(conversations, {})
@@ -130,6 +138,7 @@ def _throughput(section: dict[str, Any]) -> list[str]:
             table.append(
                 [
                     guarantee,
+                    family,
                     conversations,
                     w.get("messages"),
                     rate,
@@ -147,11 +156,14 @@ def _throughput(section: dict[str, Any]) -> list[str]:
         "included: all messages produced at once, round-robin over the conversations, timed "
         "to the last reply. Worker CPU = its CPU seconds / wall seconds. Baselines with the "
         "same guarantee: the same hop as a minimal Faust agent (same Faust settings, no "
-        "table) and as a bare aiokafka loop (exactly_once: one transaction per fetched batch).",
+        "table; aiokafka producer only: unpatched Faust stalls on CRC32 keys under "
+        "exactly_once) and as a bare aiokafka loop with the same producer (exactly_once: one "
+        "transaction per fetched batch).",
         "",
         *_table(
             [
                 "guarantee",
+                "producer",
                 "conversations",
                 "messages",
                 "worker msg/s",

@@ -176,7 +176,12 @@ async def produce(bootstrap: str, topic: str, records: list[tuple]) -> None:
 
 
 async def consume(
-    bootstrap: str, topic: str, until, timeout: float = 60.0, settle: float = 0.0
+    bootstrap: str,
+    topic: str,
+    until,
+    timeout: float = 60.0,
+    settle: float = 0.0,
+    isolation_level: str = "read_committed",  # aborted transactions are not replies
 ) -> list:
     """Read ``topic`` from the start until ``until(records)`` is true, then ``settle`` s more."""
     consumer = AIOKafkaConsumer(
@@ -185,7 +190,7 @@ async def consume(
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         group_id=None,
-        isolation_level="read_committed",  # aborted transactions are not replies
+        isolation_level=isolation_level,
     )
     await consumer.start()
     records: list = []
