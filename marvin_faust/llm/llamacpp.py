@@ -1,15 +1,20 @@
 """llama.cpp through LangChain.
 
-Why our own LangChain chat model instead of ``langchain_community.chat_models.ChatLlamaCpp``:
-langchain-community is being sunset (importing it warns that it is unmaintained) and its wrapper
-is frozen. :class:`LlamaCppChatModel` is a small ``BaseChatModel`` over
-``llama_cpp.Llama.create_chat_completion`` with streaming, so the agent speaks LangChain
-messages while the dependency we rely on is llama-cpp-python itself.
+Why our own LangChain models instead of langchain-community's ``ChatLlamaCpp`` and ``LlamaCpp``:
+langchain-community is being sunset (importing it warns that it is unmaintained) and its
+wrappers are frozen. :class:`LlamaCppChatModel` is a small ``BaseChatModel`` over
+``llama_cpp.Llama.create_chat_completion`` and :class:`LlamaCppCompletionLLM` a small ``LLM``
+over ``create_completion``, both streaming, so the agent speaks LangChain messages while the
+dependency we rely on is llama-cpp-python itself.
 
 Prompt format (``MARVIN_PROMPT_FORMAT``):
 
 - ``template``: the chat template in the GGUF's metadata;
-- ``llama-2``: ``[INST] <<SYS>>`` format, for Llama-2 chat models (they ship no template);
+- ``llama-2``: Meta's Llama-2 chat format, for Llama-2 chat models (they ship no template).
+  langchain-experimental's ``Llama2Chat`` renders it, as in the system this project replaces,
+  and :class:`LlamaCppCompletionLLM` generates from the rendered text: llama-cpp-python's own
+  ``llama-2`` chat format is not Meta's (no blank line after ``<</SYS>>``, no space after
+  ``[/INST]``). ``Llama2Chat`` does not stream, so tokens reach the backend by callbacks;
 - ``plain``: an explicit ``Human:`` / ``Marvin:`` transcript, for base models such as the
   offline Gemma 3 270M. Without it llama-cpp-python silently falls back to the Llama-2 format
   and a base model then writes ``[INST]`` into its replies;
@@ -22,15 +27,17 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.callbacks import BaseCallbackHandler, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
+from langchain_core.language_models.llms import LLM
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from pydantic import ConfigDict
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, GenerationChunk
+from pydantic import BaseModel, ConfigDict
 
 from .base import ChatBackend, Generation, ModelError, ModelLoadError
 
@@ -71,8 +78,8 @@ def choose_prompt_format(requested: str, has_template: bool, model_name: str) ->
     return "plain"
 
 
-class LlamaCppChatModel(BaseChatModel):
-    """A LangChain chat model over one loaded ``llama_cpp.Llama``."""
+class LlamaCppSampling(BaseModel):
+    """One loaded ``llama_cpp.Llama`` and the sampling settings of every reply from it."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -84,13 +91,8 @@ class LlamaCppChatModel(BaseChatModel):
     repeat_penalty: float = 1.2
     stop: list[str] = STOP_SEQUENCES
 
-    @property
-    def _llm_type(self) -> str:
-        return "llama-cpp-python"
-
-    def _request(self, messages: list[BaseMessage], stop: list[str] | None) -> dict[str, Any]:
+    def _sampling(self, stop: list[str] | None) -> dict[str, Any]:
         return {
-            "messages": to_openai_messages(messages),
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -98,6 +100,17 @@ class LlamaCppChatModel(BaseChatModel):
             "repeat_penalty": self.repeat_penalty,
             "stop": [*self.stop, *(stop or [])],
         }
+
+
+class LlamaCppChatModel(BaseChatModel, LlamaCppSampling):
+    """A LangChain chat model over ``Llama.create_chat_completion``."""
+
+    @property
+    def _llm_type(self) -> str:
+        return "llama-cpp-python"
+
+    def _request(self, messages: list[BaseMessage], stop: list[str] | None) -> dict[str, Any]:
+        return {"messages": to_openai_messages(messages), **self._sampling(stop)}
 
     def _generate(
         self,
@@ -136,6 +149,79 @@ class LlamaCppChatModel(BaseChatModel):
                 yield piece
 
 
+class LlamaCppCompletionLLM(LLM, LlamaCppSampling):
+    """A LangChain text-completion model over ``Llama.create_completion``, streaming.
+
+    Special tokens in the prompt are parsed (``<s>`` / ``</s>`` are a Llama-2 model's BOS / EOS),
+    and BOS is added only to a prompt that does not start with it: llama-cpp-python would add a
+    second one. Pass ``cancel=<threading.Event>`` to stop between two tokens.
+    """
+
+    @property
+    def _llm_type(self) -> str:
+        return "llama-cpp-python-completion"
+
+    def _stream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[GenerationChunk]:
+        cancel: threading.Event | None = kwargs.get("cancel")
+        tokens = self.llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        bos = self.llama.token_bos()
+        if bos >= 0 and tokens[:1] != [bos]:
+            tokens.insert(0, bos)
+        stream = self.llama.create_completion(prompt=tokens, stream=True, **self._sampling(stop))
+        try:
+            for chunk in stream:
+                if cancel is not None and cancel.is_set():
+                    break
+                text = chunk["choices"][0]["text"]
+                if text:
+                    piece = GenerationChunk(text=text)
+                    if run_manager:
+                        run_manager.on_llm_new_token(text, chunk=piece)
+                    yield piece
+        finally:
+            stream.close()  # stops llama.cpp mid-reply
+
+    def _call(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> str:
+        return "".join(piece.text for piece in self._stream(prompt, stop, run_manager, **kwargs))
+
+
+def llama2_chat(llm: LLM) -> BaseChatModel:
+    """langchain-experimental's ``Llama2Chat`` over ``llm``: Meta's Llama-2 chat format."""
+    # langchain-experimental warns at import that it is being sunset: we depend on it knowingly
+    # and keep that one warning out of the worker's log. It imports langchain-classic, not
+    # langchain-community, so no other deprecation warning comes with it.
+    warnings.filterwarnings(
+        "ignore", message="`langchain-experimental` is being sunset", category=DeprecationWarning
+    )
+    from langchain_experimental.chat_models import Llama2Chat
+
+    return Llama2Chat(llm=llm)
+
+
+class _FirstToken(BaseCallbackHandler):
+    """Notes when the first token of a reply arrives."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.seconds: float | None = None
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        if self.seconds is None:
+            self.seconds = time.perf_counter() - self.started
+
+
 class LlamaCppBackend(ChatBackend):
     name = "llamacpp"
 
@@ -163,7 +249,9 @@ class LlamaCppBackend(ChatBackend):
             "verbose": False,
         }
         self.sampling = sampling or {}
-        self.chat_model: LlamaCppChatModel | None = None
+        self._llama: Any = None
+        # LlamaCppChatModel, or for llama-2 Llama2Chat over a LlamaCppCompletionLLM
+        self.chat_model: BaseChatModel | None = None
 
     def _load(self) -> None:
         try:
@@ -180,21 +268,23 @@ class LlamaCppBackend(ChatBackend):
         self.prompt_format = choose_prompt_format(
             self.requested_format, has_template, self.model_file.name
         )
-        if self.prompt_format == "plain":
-            llama.chat_handler = Jinja2ChatFormatter(
-                template=PLAIN_TEMPLATE,
-                bos_token=_token_text(llama, llama.token_bos()),
-                eos_token=_token_text(llama, llama.token_eos()),
-            ).to_chat_handler()
-        elif self.prompt_format == "llama-2":
-            llama.chat_format = "llama-2"
-        self.chat_model = LlamaCppChatModel(llama=llama, **self.sampling)
+        if self.prompt_format == "llama-2":
+            self.chat_model = llama2_chat(LlamaCppCompletionLLM(llama=llama, **self.sampling))
+        else:
+            if self.prompt_format == "plain":
+                llama.chat_handler = Jinja2ChatFormatter(
+                    template=PLAIN_TEMPLATE,
+                    bos_token=_token_text(llama, llama.token_bos()),
+                    eos_token=_token_text(llama, llama.token_eos()),
+                ).to_chat_handler()
+            self.chat_model = LlamaCppChatModel(llama=llama, **self.sampling)
+        self._llama = llama
 
     @property
     def llama(self) -> Any:
-        if self.chat_model is None:
+        if self._llama is None:
             raise ModelError("llama.cpp model is not loaded")
-        return self.chat_model.llama
+        return self._llama
 
     def count_tokens(self, text: str) -> int:
         # Tokenizing reads only the vocabulary, not the decoding context the lock guards.
@@ -203,6 +293,25 @@ class LlamaCppBackend(ChatBackend):
     def _generate(self, messages: Sequence[BaseMessage], cancel: threading.Event) -> Generation:
         assert self.chat_model is not None
         started = time.perf_counter()
+        if self.prompt_format == "llama-2":
+            text, first_token = self._complete(messages, cancel, started)
+        else:
+            text, first_token = self._stream_chat(messages, cancel, started)
+        elapsed = time.perf_counter() - started
+        if cancel.is_set():
+            raise ModelError("generation cancelled")
+        text = text.strip()
+        return Generation(
+            text=text,
+            completion_tokens=self.count_tokens(text),
+            seconds=elapsed,
+            first_token_seconds=first_token,
+        )
+
+    def _stream_chat(
+        self, messages: Sequence[BaseMessage], cancel: threading.Event, started: float
+    ) -> tuple[str, float | None]:
+        assert self.chat_model is not None
         first_token: float | None = None
         pieces: list[str] = []
         for chunk in self.chat_model.stream(list(messages)):
@@ -211,16 +320,18 @@ class LlamaCppBackend(ChatBackend):
             if first_token is None:
                 first_token = time.perf_counter() - started
             pieces.append(str(chunk.content))
-        elapsed = time.perf_counter() - started
-        if cancel.is_set():
-            raise ModelError("generation cancelled")
-        text = "".join(pieces).strip()
-        return Generation(
-            text=text,
-            completion_tokens=self.count_tokens(text),
-            seconds=elapsed,
-            first_token_seconds=first_token,
-        )
+        return "".join(pieces), first_token
+
+    def _complete(
+        self, messages: Sequence[BaseMessage], cancel: threading.Event, started: float
+    ) -> tuple[str, float | None]:
+        """Llama2Chat renders the prompt; its LLM streams to the callback, stops on ``cancel``."""
+        assert self.chat_model is not None
+        # Meta's reference strips every message (llama/generation.py); Llama2Chat does not.
+        stripped = [m.model_copy(update={"content": str(m.content).strip()}) for m in messages]
+        first_token = _FirstToken(started)
+        reply = self.chat_model.invoke(stripped, {"callbacks": [first_token]}, cancel=cancel)
+        return str(reply.content), first_token.seconds
 
 
 def _token_text(llama: Any, token: int) -> str:
