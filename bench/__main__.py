@@ -231,7 +231,7 @@ def run_throughput(cluster: Cluster, args: argparse.Namespace, out: dict[str, An
         return started
 
     for guarantee in args.throughput_guarantees:
-        # Faust alone stalls under exactly_once on keys placed by CRC32 (patches.py, fix 7):
+        # Faust alone stalls under exactly_once on keys placed by CRC32 (faust_fixes.py, fix 7):
         # its baseline is measured with murmur2 keys only.
         measure_row(
             "minimal Faust agent",

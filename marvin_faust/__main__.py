@@ -1,3 +1,6 @@
+"""``python -m marvin_faust``: the ``marvin-faust`` command."""
+
 from .app import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -11,8 +11,10 @@ Per message, in order:
    one transaction; under at_least_once the reply is delivered before the history that marks
    the message answered is written.
 
-Every failure is caught per message and dead-lettered, so nothing is acked silently (Faust acks
-an event even when the agent body raised) and the agent keeps running.
+:class:`Answerer` holds the agent's body with every dependency explicit; :func:`declare_agent`
+registers it on an app. Every failure is caught per message and dead-lettered, so nothing is
+acked silently (Faust acks an event even when the agent body raised) and the agent keeps
+running.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import metrics
-from .app import app, backend, settings
+from faust.types import AgentT
+
 from .conversation import (
     append_turns,
     build_prompt,
@@ -43,9 +45,9 @@ from .models import (
     new_message_id,
     parse_chat_message,
 )
-from .patches import writes_of_one_event
-from .tables import history
-from .topics import chat_topic, dead_letter_topic, reply_topic
+
+if TYPE_CHECKING:
+    from .app import MarvinApp
 
 log = logging.getLogger(__name__)
 
@@ -64,144 +66,167 @@ class Outcome(StrEnum):
     DUPLICATE = "duplicate"
 
 
-@app.agent(chat_topic)
-async def answer(stream: Any) -> AsyncIterator[Outcome]:
-    # Faust may start the agent before the model has loaded: let the stream buffer meanwhile.
-    await backend.wait_until_loaded()
-    replies_on_source_partition = await reply_partitions_match()
-    # Yielding the outcome lets agent.test_context() wait until a message is fully handled.
-    async for event in stream.events():
-        message = event.message
-        outcome = await handle(
-            message.key,
-            message.value,
-            message.headers,
-            source=_source(message),
-            reply_partition=message.partition if replies_on_source_partition else None,
-        )
-        metrics.MESSAGES.labels(outcome=outcome.value).inc()
-        yield outcome
+def declare_agent(app: MarvinApp) -> AgentT:
+    """The ``answer`` agent on the chat topic of ``app``."""
+    answerer = Answerer(app)
+
+    async def answer(stream: Any) -> AsyncIterator[Outcome]:
+        # Faust may start the agent before the model has loaded: let the stream buffer.
+        await app.backend.wait_until_loaded()
+        replies_on_source_partition = await answerer.reply_partitions_match()
+        # Yielding the outcome lets agent.test_context() wait until a message is handled.
+        async for event in stream.events():
+            message = event.message
+            outcome = await answerer.handle(
+                message.key,
+                message.value,
+                message.headers,
+                source=_source(message),
+                reply_partition=message.partition if replies_on_source_partition else None,
+            )
+            app.metrics.messages.labels(outcome=outcome.value).inc()
+            yield outcome
+
+    agent = app.agent(app.chat_topics.chat, name=f"{__name__}.answer")(answer)
+    agent.answerer = answerer  # type: ignore[attr-defined]  # for tests
+    return agent
 
 
-async def reply_partitions_match() -> bool:
-    """Whether a reply can go to its message's partition: the reply topic is the chat topic, or
-    has as many partitions. Then a conversation stays on one partition, in order, whichever
-    partitioner its front end used; otherwise replies are keyed with ``MARVIN_PARTITIONER``."""
-    if reply_topic is chat_topic:
-        return True
-    await reply_topic.maybe_declare()  # asking for a missing topic would create it
-    producer = app.producer._ensure_producer()  # Faust offers no public call for this
-    chat, replies = [
-        await producer.partitions_for(topic.get_topic_name()) for topic in (chat_topic, reply_topic)
-    ]
-    return len(chat) == len(replies)
+class Answerer:
+    """Handles one chat record: validate, answer or dead-letter, store the history."""
 
+    def __init__(self, app: MarvinApp) -> None:
+        self.app = app
+        self.settings = app.settings
+        self.backend = app.backend
+        self.topics = app.chat_topics
+        self.history = app.history
+        self.metrics = app.metrics
+        self.barrier = app.commit_barrier
 
-async def handle(
-    key: bytes | None,
-    value: bytes | None,
-    headers: Any,
-    *,
-    source: str,
-    reply_partition: int | None = None,
-) -> Outcome:
-    try:
-        chat = parse_chat_message(value, max_text_chars=settings.max_text_chars)
-        if key is None or key.decode("utf-8", errors="replace") != chat.conversation_id:
-            raise BadMessage("the record key must be the conversation_id")
-        if chat.role == settings.ai_role:
-            return await record_greeting(chat, header_value(headers, MESSAGE_ID_HEADER))
-        if chat.role != settings.human_role:
-            raise BadMessage(f"unknown role {chat.role!r}")
-        return await reply_to(chat, header_value(headers, MESSAGE_ID_HEADER), reply_partition)
-    except BadMessage as exc:
-        cause, reason = "bad-message", f"bad message: {exc}"
-    except ModelError as exc:
-        cause, reason = "model", f"model failed: {exc}"
-    except Exception as exc:  # anything else must not lose the message either
-        log.exception("Unexpected failure on %s", source)
-        cause, reason = "internal", f"internal error: {type(exc).__name__}: {exc}"
-    await dead_letter(key, value, headers, reason, source)
-    metrics.DEAD_LETTERS.labels(cause=cause).inc()
-    return Outcome.DEAD_LETTERED
-
-
-async def record_greeting(chat: ChatMessage, message_id: str | None) -> Outcome:
-    """Store the bot's opening line; every other AI message is the bot's own reply: dropped."""
-    if history[chat.conversation_id]:
-        return Outcome.DROPPED
-    async with writes_of_one_event():
-        history[chat.conversation_id] = [
-            make_turn(chat.role, chat.text, chat.Timestamp, message_id)
+    async def reply_partitions_match(self) -> bool:
+        """Whether a reply can go to its message's partition: the reply topic is the chat
+        topic, or has as many partitions. Then a conversation stays on one partition, in order,
+        whichever partitioner its front end used; otherwise replies are keyed with
+        ``MARVIN_PARTITIONER``."""
+        chat_topic, reply_topic = self.topics.chat, self.topics.replies
+        if reply_topic is chat_topic:
+            return True
+        await reply_topic.maybe_declare()  # asking for a missing topic would create it
+        producer = self.app.producer._ensure_producer()  # Faust offers no public call for this
+        chat, replies = [
+            await producer.partitions_for(topic.get_topic_name())
+            for topic in (chat_topic, reply_topic)
         ]
-    return Outcome.GREETING
+        return len(chat) == len(replies)
 
+    async def handle(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Any,
+        *,
+        source: str,
+        reply_partition: int | None = None,
+    ) -> Outcome:
+        settings = self.settings
+        try:
+            chat = parse_chat_message(value, max_text_chars=settings.max_text_chars)
+            if key is None or key.decode("utf-8", errors="replace") != chat.conversation_id:
+                raise BadMessage("the record key must be the conversation_id")
+            if chat.role == settings.ai_role:
+                return await self.record_greeting(chat, header_value(headers, MESSAGE_ID_HEADER))
+            if chat.role != settings.human_role:
+                raise BadMessage(f"unknown role {chat.role!r}")
+            return await self.reply_to(
+                chat, header_value(headers, MESSAGE_ID_HEADER), reply_partition
+            )
+        except BadMessage as exc:
+            cause, reason = "bad-message", f"bad message: {exc}"
+        except ModelError as exc:
+            cause, reason = "model", f"model failed: {exc}"
+        except Exception as exc:  # anything else must not lose the message either
+            log.exception("Unexpected failure on %s", source)
+            cause, reason = "internal", f"internal error: {type(exc).__name__}: {exc}"
+        await self.dead_letter(key, value, headers, reason, source)
+        self.metrics.dead_letters.labels(cause=cause).inc()
+        return Outcome.DEAD_LETTERED
 
-async def reply_to(chat: ChatMessage, message_id: str | None, partition: int | None) -> Outcome:
-    cid = chat.conversation_id
-    past = history[cid]
-    if has_message(past, message_id):
-        log.info("Skipping message %s of %s: already answered", message_id, cid)
-        return Outcome.DUPLICATE
-    window = history_window(
-        past, settings.history_token_budget, backend.count_tokens, settings.ai_role
-    )
-    prompt = build_prompt(settings.persona, window, chat.text)
-    generation = await backend.generate(prompt, timeout=settings.model_timeout)
-    metrics.observe_generation(generation)
-    reply = make_message(cid, settings.ai_role, generation.text or EMPTY_REPLY)
-    reply_id = new_message_id()
-    headers = [(MESSAGE_ID_HEADER, reply_id.encode())]
-    if message_id:
-        headers.append((IN_REPLY_TO_HEADER, message_id.encode()))
-    # The history is what tells a redelivered message it was answered: under exactly_once it
-    # commits with the reply or not at all; under at_least_once it is written once the reply
-    # is delivered (a crash in between answers the message twice, never loses it).
-    async with writes_of_one_event():
-        await delivered(
-            reply_topic.send(
-                key=cid.encode(), value=reply.to_bytes(), headers=headers, partition=partition
+    async def record_greeting(self, chat: ChatMessage, message_id: str | None) -> Outcome:
+        """Store the bot's opening line; every other AI message is the bot's own reply."""
+        if self.history[chat.conversation_id]:
+            return Outcome.DROPPED
+        async with self.barrier.writes_of_one_event():
+            self.history[chat.conversation_id] = [
+                make_turn(chat.role, chat.text, chat.Timestamp, message_id)
+            ]
+        return Outcome.GREETING
+
+    async def reply_to(
+        self, chat: ChatMessage, message_id: str | None, partition: int | None
+    ) -> Outcome:
+        settings, cid = self.settings, chat.conversation_id
+        past = self.history[cid]
+        if has_message(past, message_id):
+            log.info("Skipping message %s of %s: already answered", message_id, cid)
+            return Outcome.DUPLICATE
+        window = history_window(
+            past, settings.history_token_budget, self.backend.count_tokens, settings.ai_role
+        )
+        prompt = build_prompt(settings.persona, window, chat.text)
+        generation = await self.backend.generate(prompt, timeout=settings.model_timeout)
+        self.metrics.observe_generation(generation)
+        reply = make_message(cid, settings.ai_role, generation.text or EMPTY_REPLY)
+        reply_id = new_message_id()
+        headers = [(MESSAGE_ID_HEADER, reply_id.encode())]
+        if message_id:
+            headers.append((IN_REPLY_TO_HEADER, message_id.encode()))
+        # The history is what tells a redelivered message it was answered: under exactly_once
+        # it commits with the reply or not at all; under at_least_once it is written once the
+        # reply is delivered (a crash in between answers the message twice, never loses it).
+        async with self.barrier.writes_of_one_event():
+            await self.delivered(
+                self.topics.replies.send(
+                    key=cid.encode(), value=reply.to_bytes(), headers=headers, partition=partition
+                )
+            )
+            self.history[cid] = append_turns(
+                past,
+                [
+                    make_turn(chat.role, chat.text, chat.Timestamp, message_id),
+                    make_turn(reply.role, reply.text, reply.Timestamp, reply_id),
+                ],
+                settings.max_stored_turns,
+            )
+        log.info(
+            "Answered %s in %.2fs (%d tokens, %.1f tokens/s)",
+            cid,
+            generation.seconds,
+            generation.completion_tokens,
+            generation.tokens_per_second,
+        )
+        return Outcome.ANSWERED
+
+    async def dead_letter(
+        self, key: bytes | None, value: bytes | None, headers: Any, reason: str, source: str
+    ) -> None:
+        log.warning("Dead-lettering %s: %s", source, reason)
+        kept = [(k, v) for k, v in header_pairs(headers) if k not in (REASON_HEADER, SOURCE_HEADER)]
+        await self.delivered(
+            self.topics.dead_letters.send(
+                key=key,
+                value=value,
+                headers=[*kept, (REASON_HEADER, reason.encode()), (SOURCE_HEADER, source.encode())],
             )
         )
-        history[cid] = append_turns(
-            past,
-            [
-                make_turn(chat.role, chat.text, chat.Timestamp, message_id),
-                make_turn(reply.role, reply.text, reply.Timestamp, reply_id),
-            ],
-            settings.max_stored_turns,
-        )
-    log.info(
-        "Answered %s in %.2fs (%d tokens, %.1f tokens/s)",
-        cid,
-        generation.seconds,
-        generation.completion_tokens,
-        generation.tokens_per_second,
-    )
-    return Outcome.ANSWERED
 
-
-async def dead_letter(
-    key: bytes | None, value: bytes | None, headers: Any, reason: str, source: str
-) -> None:
-    log.warning("Dead-lettering %s: %s", source, reason)
-    kept = [(k, v) for k, v in header_pairs(headers) if k not in (REASON_HEADER, SOURCE_HEADER)]
-    await delivered(
-        dead_letter_topic.send(
-            key=key,
-            value=value,
-            headers=[*kept, (REASON_HEADER, reason.encode()), (SOURCE_HEADER, source.encode())],
-        )
-    )
-
-
-async def delivered(sending: Awaitable[Awaitable[Any]]) -> None:
-    """Send; under at_least_once also wait until Kafka has the record, since the offset may
-    commit as soon as the event is done. (Under exactly_once the record is in the event's
-    transaction: waiting would only cost a round trip per message.)"""
-    delivery = await sending
-    if not app.in_transaction:
-        await delivery
+    async def delivered(self, sending: Awaitable[Awaitable[Any]]) -> None:
+        """Send; under at_least_once also wait until Kafka has the record, since the offset may
+        commit as soon as the event is done. (Under exactly_once the record is in the event's
+        transaction: waiting would only cost a round trip per message.)"""
+        delivery = await sending
+        if not self.app.in_transaction:
+            await delivery
 
 
 def _source(message: Any) -> str:

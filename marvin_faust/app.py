@@ -1,7 +1,9 @@
-"""The Faust app, its settings and its model backend: one of each per process.
+"""The Faust app: :func:`create_app` builds it from explicit settings.
 
-Run with ``faust -A marvin_faust worker -l info``, ``marvin-faust worker`` or
-``python -m marvin_faust worker``.
+``faust -A marvin_faust worker -l info`` (also ``marvin-faust worker``, ``python -m marvin_faust
+worker``) asks the package for its ``app``; :func:`current_app` then builds it once from the
+environment and the command line. Importing any module of the package builds nothing: settings
+are read, Faust fixed and the model backend made only here.
 """
 
 from __future__ import annotations
@@ -10,19 +12,27 @@ import logging
 import shutil
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import faust
 from faust.sensors.prometheus import setup_prometheus_sensors
+from faust.types import AgentT
 from mode import Service
 
-from . import patches
+from . import faust_fixes
+from .agents import declare_agent
+from .commands import declare_commands
 from .llm import ChatBackend, ModelLoadError, create_backend
-from .metrics import REGISTRY
+from .metrics import Metrics
 from .partitioners import partitioner_named
 from .security import CredentialsCheck, broker_credentials
 from .settings import Settings, SettingsError, load_settings
+from .tables import HistoryTable, declare_history
+from .topics import Topics, declare_topics
+from .transactions import CommitBarrier
+from .views import declare_views
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +45,6 @@ PROCESSING_SLACK = 60.0
 # refresh (seen in tests: nothing answered for 4 minutes). The refresh shows the topic and
 # triggers a rebalance.
 METADATA_MAX_AGE_MS = 10_000
-
-
-def _settings_or_exit() -> Settings:
-    try:
-        return load_settings()
-    except SettingsError as exc:
-        print(f"marvin-faust: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 CLEAN_SHUTDOWN_MARKER = ".clean-shutdown"
@@ -71,11 +73,25 @@ def discard_unclean_state(tabledir: Path) -> bool:
 
 
 class MarvinApp(faust.App):
-    """faust.App that only trusts local table state left by a clean shutdown, on a transport
-    whose transactions hold what each event sends (``patches.Transport``)."""
+    """faust.App on the fixed transport (``faust_fixes``) that only trusts local table state
+    left by a clean shutdown. Its parts: ``settings``, ``backend``, ``chat_topics``, ``history``,
+    ``answer`` (the agent), ``metrics``, ``commit_barrier``."""
 
-    def _new_transport(self) -> patches.Transport:
-        return patches.Transport(self.conf.broker_consumer, self)
+    chat_topics: Topics
+    history: HistoryTable
+    answer: AgentT
+
+    def __init__(self, settings: Settings, backend: ChatBackend) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.metrics = Metrics()
+        self.commit_barrier = CommitBarrier()
+        super().__init__(settings.app_id, **faust_options(settings))
+
+    def _new_transport(self) -> faust_fixes.Transport:
+        return faust_fixes.Transport(
+            self.conf.broker_consumer, self, disabled=self.settings.faust_fixes_disabled
+        )
 
     def _crash(self, reason: BaseException) -> None:
         # Faust stops the worker after a fatal error (a fenced producer, a crashed consumer)
@@ -111,73 +127,138 @@ class MarvinApp(faust.App):
             (tabledir / CLEAN_SHUTDOWN_MARKER).touch()
 
 
-def create_app(settings: Settings) -> faust.App:
+def faust_options(settings: Settings) -> dict[str, Any]:
+    """Faust's settings, from ours: the one source of truth for both."""
     stuck_after = settings.model_timeout + PROCESSING_SLACK
-    return MarvinApp(
-        settings.app_id,
-        broker=settings.broker,
-        store=settings.store,
-        datadir=str(settings.data_dir),
-        autodiscover=True,
-        origin="marvin_faust",
-        topic_partitions=settings.partitions,
+    return {
+        "broker": settings.broker,
+        "store": settings.store,
+        "datadir": str(settings.data_dir),
+        # Everything is declared by create_app: nothing to scan for.
+        "autodiscover": False,
+        "origin": "marvin_faust",
+        "topic_partitions": settings.partitions,
         # Keys placed as the fleet's producers place them, so table_route finds a conversation
         # on the partition its messages really land on.
-        producer_partitioner=partitioner_named(settings.partitioner),
-        processing_guarantee=settings.processing_guarantee,
+        "producer_partitioner": partitioner_named(settings.partitioner),
+        "processing_guarantee": settings.processing_guarantee,
         # Under exactly_once a reply is visible to read_committed consumers only once its
         # transaction commits: commit often, or every reply waits for Faust's 2.8 s default.
-        broker_commit_interval=settings.commit_interval,
+        "broker_commit_interval": settings.commit_interval,
         # Heartbeats come from a background thread, so slow replies do not count against this;
         # a worker killed with -9 holds its partitions for this long (Faust's default is 60 s).
-        broker_session_timeout=settings.session_timeout,
-        broker_credentials=broker_credentials(settings),
+        "broker_session_timeout": settings.session_timeout,
+        "broker_credentials": broker_credentials(settings),
         # A rebalance hands a partition to a worker that already holds a copy of its history.
-        table_standby_replicas=settings.standby_replicas,
-        web_bind=settings.web_bind,
-        web_port=settings.web_port,
+        "table_standby_replicas": settings.standby_replicas,
+        "web_bind": settings.web_bind,
+        "web_port": settings.web_port,
         # The URL other workers use to reach this one (table_route); the bind address unless
         # it is a wildcard.
-        web_host=socket.gethostname()
+        "web_host": socket.gethostname()
         if settings.web_bind in ("0.0.0.0", "::")
-        else (settings.web_bind),
+        else settings.web_bind,
         # /table/... would serve every conversation with no authentication.
-        web_tables_enabled=False,
+        "web_tables_enabled": False,
         # One event takes seconds: fetch few records at a time and only call an event stuck
         # well after the model would have timed out.
-        broker_max_poll_records=settings.max_poll_records,
-        consumer_metadata_max_age_ms=METADATA_MAX_AGE_MS,
-        stream_processing_timeout=stuck_after,
-        broker_commit_livelock_soft_timeout=stuck_after,
-    )
+        "broker_max_poll_records": settings.max_poll_records,
+        "consumer_metadata_max_age_ms": METADATA_MAX_AGE_MS,
+        "stream_processing_timeout": stuck_after,
+        "broker_commit_livelock_soft_timeout": stuck_after,
+    }
 
 
-settings = _settings_or_exit()
-# Before the worker starts: Faust's exactly_once recovery after a rebalance (patches.py).
-patches.apply()
-app = create_app(settings)
-# Started before Faust's own Kafka clients: rejected credentials stop the start with one line.
-app.add_dependency(CredentialsCheck(settings))
-# Faust's own sensor metrics and ours, in one registry served at /metrics.
-setup_prometheus_sensors(app, pattern="/metrics", registry=REGISTRY, name_prefix="faust")
-backend: ChatBackend = create_backend(settings)
-
-
-@app.service
 class ModelLoader(Service):
     """Loads the model when the worker starts, in a thread; a failure stops the start."""
 
+    def __init__(self, backend: ChatBackend, **kwargs: Any) -> None:
+        self.backend = backend
+        super().__init__(**kwargs)
+
     async def on_start(self) -> None:
-        log.info("Loading the %s model backend", backend.name)
+        log.info("Loading the %s model backend", self.backend.name)
         try:
-            await backend.start()
+            await self.backend.start()
         except ModelLoadError as exc:
             log.error("marvin-faust: cannot start: %s", exc)
             print(f"marvin-faust: cannot start: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(3) from None
-        log.info("Model backend %s loaded", backend.name)
+        log.info("Model backend %s loaded", self.backend.name)
+
+
+def create_app(settings: Settings, backend: ChatBackend | None = None) -> MarvinApp:
+    """The worker's app: topics, history table, agent, views and commands, on the Faust fixes.
+
+    Raises ``faust_fixes.FaustVersionError`` on a faust-streaming the fixes were not verified
+    on. ``backend`` defaults to the one the settings name (not loaded until the worker starts).
+    """
+    faust_fixes.check_faust_version()
+    app = MarvinApp(settings, backend or create_backend(settings))
+    app.chat_topics = declare_topics(app, settings)
+    app.history = declare_history(app, settings)
+    app.answer = declare_agent(app)
+    declare_views(app)
+    declare_commands(app)
+    # Started before Faust's own Kafka clients: rejected credentials stop the start with one line.
+    app.add_dependency(CredentialsCheck(settings))
+    app.add_dependency(ModelLoader(app.backend))
+    # Faust's own sensor metrics and ours, in one registry served at /metrics.
+    setup_prometheus_sensors(
+        app, pattern="/metrics", registry=app.metrics.registry, name_prefix="faust"
+    )
+    return app
+
+
+def cli_overrides(argv: Sequence[str]) -> dict[str, Any]:
+    """Faust's own command-line options that are also settings: ``--datadir``/``-D`` before
+    the command, ``--web-port``/``-p`` and ``--web-bind``/``-b`` after ``worker``. They win
+    over ``MARVIN_*`` variables, as a command line does.
+
+    Faust builds the app before it applies these itself (and never applies ``--datadir`` to
+    an app with a data dir of its own), so they are read here, the way Faust finds ``-A``.
+    """
+    names = {"--datadir": "data_dir", "-D": "data_dir"}
+    worker_names = {
+        "--web-port": "web_port",
+        "-p": "web_port",
+        "--web-bind": "web_bind",
+        "-b": "web_bind",
+    }
+    found: dict[str, Any] = {}
+    in_worker = False
+    args = list(argv[1:])
+    for index, arg in enumerate(args):
+        if arg == "worker":
+            in_worker = True
+        known = {**names, **(worker_names if in_worker else {})}
+        option, equals, inline = arg.partition("=")
+        if option in known:
+            value = inline if equals else (args[index + 1] if index + 1 < len(args) else None)
+            if value is not None:
+                found[known[option]] = value
+    return found
+
+
+_current: MarvinApp | None = None
+
+
+def current_app() -> MarvinApp:
+    """This process's worker app, built on first use from the environment and command line.
+    A bad setting or Faust version stops the process with one line that says which."""
+    global _current
+    if _current is None:
+        try:
+            _current = create_app(load_settings(**cli_overrides(sys.argv)))
+        except (SettingsError, faust_fixes.FaustVersionError) as exc:
+            print(f"marvin-faust: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        # Importing this module bound the package's ``app`` to it; Faust looks up
+        # ``marvin_faust.app`` more than once and must find the app every time.
+        sys.modules[__package__].app = _current  # type: ignore[attr-defined]
+    return _current
 
 
 def main() -> NoReturn:
     """The ``marvin-faust`` command: Faust's CLI bound to this app."""
-    app.main()
+    current_app().main()

@@ -10,20 +10,40 @@ import json
 import logging
 import sys
 from collections.abc import AsyncIterator
+from typing import Any
 
 import click
+import faust
 from faust.cli import AppCommand, argument, option
 from faust.cli.faust import cli as faust_cli
 
 from . import broker
-from .app import app, settings
 from .client import ChatClient, ChatClientError
 from .webchat import serve as serve_webchat
 
 REPLY_TIMEOUT = 300.0
 QUIT = "/quit"
 
-faust_cli.add_command(broker.cli, "broker")
+
+_COMMANDS: list[tuple[Any, tuple]] = []
+
+
+def command(*options: Any) -> Any:
+    """Like ``app.command``, for :func:`declare_commands` to register on the app it builds."""
+
+    def collect(fun: Any) -> Any:
+        _COMMANDS.append((fun, options))
+        return fun
+
+    return collect
+
+
+def declare_commands(app: faust.App) -> None:
+    """``greet``, ``chat``, ``say``, ``webchat`` on ``app``; ``broker`` on Faust's CLI."""
+    for fun, options in _COMMANDS:
+        app.command(*options)(fun)
+    if "broker" not in faust_cli.commands:
+        faust_cli.add_command(broker.cli, "broker")
 
 
 def fail(message: str) -> None:
@@ -59,7 +79,7 @@ async def spinner(label: str) -> AsyncIterator[None]:
         sys.stderr.flush()
 
 
-@app.command(
+@command(
     option(
         "--conversation-id",
         default=None,
@@ -70,7 +90,7 @@ async def greet(self: AppCommand, conversation_id: str | None) -> None:
     """Open a conversation: send Marvin's greeting and print the new conversation id."""
     quiet_kafka_logs()
     try:
-        async with ChatClient(settings, listen=False) as client:
+        async with ChatClient(self.app.settings, listen=False) as client:
             greeting = await client.greet(conversation_id)
     except ChatClientError as exc:
         fail(str(exc))
@@ -78,7 +98,7 @@ async def greet(self: AppCommand, conversation_id: str | None) -> None:
     click.echo(greeting.conversation_id)
 
 
-@app.command(
+@command(
     argument("conversation_id", required=False),
     option(
         "--timeout",
@@ -95,7 +115,7 @@ async def chat(self: AppCommand, conversation_id: str | None, timeout: float) ->
     """
     quiet_kafka_logs()
     try:
-        async with ChatClient(settings) as client:
+        async with ChatClient(self.app.settings) as client:
             if conversation_id is None:
                 greeting = await client.greet()
                 conversation_id = greeting.conversation_id
@@ -124,7 +144,7 @@ def read_line(prompt: str) -> str | None:
         return None
 
 
-@app.command(
+@command(
     argument("conversation_id"),
     argument("text"),
     option(
@@ -142,14 +162,14 @@ async def say(
     """Send one message to a conversation and print Marvin's reply (for scripts)."""
     quiet_kafka_logs()
     try:
-        async with ChatClient(settings) as client:
+        async with ChatClient(self.app.settings) as client:
             reply = await client.ask(conversation_id, text, timeout)
     except ChatClientError as exc:
         fail(str(exc))
     click.echo(json.dumps(reply.asdict(), ensure_ascii=False) if as_json else reply.text)
 
 
-@app.command(
+@command(
     option(
         "--port",
         type=int,
@@ -166,6 +186,7 @@ async def webchat(self: AppCommand, port: int | None, bind: str | None) -> None:
     """Serve the web chat page: a front end of its own that reaches Marvin only through Kafka."""
     quiet_kafka_logs()
     try:
+        settings = self.app.settings
         await serve_webchat(settings, bind or settings.webchat_bind, port or settings.webchat_port)
     except ChatClientError as exc:
         fail(str(exc))

@@ -1,4 +1,8 @@
-"""Prometheus metrics of our own, served at ``/metrics`` next to Faust's sensor metrics."""
+"""Prometheus metrics of our own, served at ``/metrics`` next to Faust's sensor metrics.
+
+One :class:`Metrics` per app, each with a registry of its own: two apps in one process (tests)
+do not collide on metric names.
+"""
 
 from __future__ import annotations
 
@@ -6,48 +10,50 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .llm import Generation
 
-REGISTRY = CollectorRegistry()
 
-MESSAGES = Counter(
-    "marvin_messages",
-    "Chat records handled, by outcome (answered, dead-lettered, dropped, greeting, duplicate).",
-    ["outcome"],
-    registry=REGISTRY,
-)
-DEAD_LETTERS = Counter(
-    "marvin_dead_letters",
-    "Records sent to the dead-letter topic, by cause (bad message, model, internal).",
-    ["cause"],
-    registry=REGISTRY,
-)
-MODEL_LATENCY = Histogram(
-    "marvin_model_latency_seconds",
-    "Seconds the model took to produce a whole reply.",
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320),
-    registry=REGISTRY,
-)
-MODEL_FIRST_TOKEN = Histogram(
-    "marvin_model_time_to_first_token_seconds",
-    "Seconds from the model call to the first streamed token.",
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-    registry=REGISTRY,
-)
-MODEL_TOKENS_PER_SECOND = Histogram(
-    "marvin_model_tokens_per_second",
-    "Generated tokens per second of each reply.",
-    buckets=(1, 2, 5, 10, 20, 30, 40, 50, 75, 100, 200, 500, 1000),
-    registry=REGISTRY,
-)
-ACTIVE_CONVERSATIONS = Gauge(
-    "marvin_active_conversations",
-    "Conversations with stored history in this worker's table partitions.",
-    registry=REGISTRY,
-)
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.messages = Counter(
+            "marvin_messages",
+            "Chat records handled, by outcome (answered, dead-lettered, dropped, greeting, "
+            "duplicate).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.dead_letters = Counter(
+            "marvin_dead_letters",
+            "Records sent to the dead-letter topic, by cause (bad message, model, internal).",
+            ["cause"],
+            registry=self.registry,
+        )
+        self.model_latency = Histogram(
+            "marvin_model_latency_seconds",
+            "Seconds the model took to produce a whole reply.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320),
+            registry=self.registry,
+        )
+        self.model_first_token = Histogram(
+            "marvin_model_time_to_first_token_seconds",
+            "Seconds from the model call to the first streamed token.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.model_tokens_per_second = Histogram(
+            "marvin_model_tokens_per_second",
+            "Generated tokens per second of each reply.",
+            buckets=(1, 2, 5, 10, 20, 30, 40, 50, 75, 100, 200, 500, 1000),
+            registry=self.registry,
+        )
+        self.active_conversations = Gauge(
+            "marvin_active_conversations",
+            "Conversations with stored history in this worker's table partitions.",
+            registry=self.registry,
+        )
 
-
-def observe_generation(generation: Generation) -> None:
-    MODEL_LATENCY.observe(generation.seconds)
-    if generation.first_token_seconds is not None:
-        MODEL_FIRST_TOKEN.observe(generation.first_token_seconds)
-    if generation.seconds > 0:
-        MODEL_TOKENS_PER_SECOND.observe(generation.tokens_per_second)
+    def observe_generation(self, generation: Generation) -> None:
+        self.model_latency.observe(generation.seconds)
+        if generation.first_token_seconds is not None:
+            self.model_first_token.observe(generation.first_token_seconds)
+        if generation.seconds > 0:
+            self.model_tokens_per_second.observe(generation.tokens_per_second)

@@ -13,7 +13,7 @@ from typing import Any
 import faust
 from faust.types import FutureMessage
 
-from .app import app, settings
+from .settings import Settings
 
 
 class HistoryTable(faust.Table):
@@ -22,7 +22,7 @@ class HistoryTable(faust.Table):
     A write is queued in Faust's producer buffer and reaches Kafka later; under exactly_once it
     joins whatever transaction is open by then, possibly the one after the reply's; under
     at_least_once the offset could commit before it is delivered. Every commit awaits
-    :meth:`wait_written` first (``marvin_faust.patches``, fix 4).
+    :meth:`wait_written` first (``marvin_faust.faust_fixes``, fix 4).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -40,18 +40,20 @@ class HistoryTable(faust.Table):
             await self._unwritten.pop(0)
 
 
-history: HistoryTable = app.tables.add(
-    HistoryTable(
-        app,
-        name="conversation-history",
-        default=list,
-        beacon=app.tables.beacon,
-        # bytes -> Faust's "raw" key codec: the changelog key is the conversation id's UTF-8
-        # bytes, exactly the chat topic's key, so table_route hashes it to the same partition.
-        # (Any other key type gets JSON, a quoted key, and requests get routed to the wrong
-        # worker.) The table is still indexed with str ids: the raw codec encodes them.
-        key_type=bytes,
-        partitions=settings.partitions,
-        help="Conversation id -> list of turns (role, text, timestamp, message_id).",
+def declare_history(app: faust.App, settings: Settings) -> HistoryTable:
+    return app.tables.add(
+        HistoryTable(
+            app,
+            name="conversation-history",
+            default=list,
+            beacon=app.tables.beacon,
+            # bytes -> Faust's "raw" key codec: the changelog key is the conversation id's UTF-8
+            # bytes, exactly the chat topic's key, so table_route hashes it to the same
+            # partition. (Any other key type gets JSON, a quoted key, and requests get routed
+            # to the wrong worker.) The table is still indexed with str ids: the raw codec
+            # encodes them.
+            key_type=bytes,
+            partitions=settings.partitions,
+            help="Conversation id -> list of turns (role, text, timestamp, message_id).",
+        )
     )
-)

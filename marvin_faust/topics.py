@@ -6,25 +6,35 @@ bytes itself (``models.parse_chat_message``) and dead-letters what is bad, origi
 
 from __future__ import annotations
 
-from .app import app, settings
+from dataclasses import dataclass
+
+import faust
+from faust.types import TopicT
+
+from .settings import Settings
 
 
-def _raw_topic(name: str) -> object:
-    return app.topic(
-        name,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=settings.partitions,
-        # "internal": Faust creates the topic with these partitions before it subscribes, so a
-        # fresh cluster works without a manual create step.
-        internal=True,
-    )
+@dataclass(frozen=True)
+class Topics:
+    chat: TopicT
+    replies: TopicT  # the chat topic itself unless MARVIN_REPLY_TOPIC names another
+    dead_letters: TopicT
 
 
-chat_topic = _raw_topic(settings.topic)
-reply_topic = (
-    chat_topic if settings.replies_to == settings.topic else _raw_topic(settings.replies_to)
-)
-dead_letter_topic = _raw_topic(settings.dead_letter_topic)
+def declare_topics(app: faust.App, settings: Settings) -> Topics:
+    def raw_topic(name: str) -> TopicT:
+        return app.topic(
+            name,
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=settings.partitions,
+            # "internal": Faust creates the topic with these partitions before it subscribes,
+            # so a fresh cluster works without a manual create step.
+            internal=True,
+        )
+
+    chat = raw_topic(settings.topic)
+    replies = chat if settings.replies_to == settings.topic else raw_topic(settings.replies_to)
+    return Topics(chat=chat, replies=replies, dead_letters=raw_topic(settings.dead_letter_topic))

@@ -14,34 +14,36 @@ from __future__ import annotations
 import hmac
 from collections.abc import Awaitable, Callable
 from functools import wraps
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from faust.web import Request, Response, View
 
-from . import metrics
-from .app import app, backend, settings
-from .tables import history
+if TYPE_CHECKING:
+    from .app import MarvinApp
 
 Handler = Callable[..., Awaitable[Response]]
 
 
-def require_token(handler: Handler) -> Handler:
-    """401 unless the request carries the configured bearer token (compared in constant time)."""
+def require_token(token: str | None) -> Callable[[Handler], Handler]:
+    """401 unless the request carries ``token`` as a bearer token (compared in constant time);
+    no check when ``token`` is None."""
 
-    @wraps(handler)
-    async def guarded(view: View, request: Request, **kwargs: Any) -> Response:
-        if settings.api_token is not None:
-            given = request.headers.get("Authorization", "")
-            expected = f"Bearer {settings.api_token}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                return view.json(
-                    {"error": "missing or wrong bearer token"},
-                    status=401,
-                    headers={"WWW-Authenticate": 'Bearer realm="marvin-faust"'},
-                )
-        return await handler(view, request, **kwargs)
+    def decorate(handler: Handler) -> Handler:
+        @wraps(handler)
+        async def guarded(view: View, request: Request, **kwargs: Any) -> Response:
+            if token is not None:
+                given = request.headers.get("Authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                    return view.json(
+                        {"error": "missing or wrong bearer token"},
+                        status=401,
+                        headers={"WWW-Authenticate": 'Bearer realm="marvin-faust"'},
+                    )
+            return await handler(view, request, **kwargs)
 
-    return guarded
+        return guarded
+
+    return decorate
 
 
 def parse_limit(raw: str | None) -> int | None:
@@ -53,55 +55,54 @@ def parse_limit(raw: str | None) -> int | None:
     return int(raw)
 
 
-@app.page("/conversations/{conversation_id}/")
-@require_token
-@app.table_route(table=history, match_info="conversation_id")
-async def conversation(view: View, request: Request, conversation_id: str) -> Response:
-    try:
-        limit = parse_limit(request.query.get("limit"))
-    except ValueError as exc:
-        return view.json({"error": str(exc)}, status=400)
-    turns = history[conversation_id]
-    if not turns:
-        return view.json({"error": f"no conversation {conversation_id!r}"}, status=404)
-    shown = turns[-limit:] if limit else turns
-    return view.json(
-        {"conversation_id": conversation_id, "total_turns": len(turns), "turns": shown}
-    )
+def declare_views(app: MarvinApp) -> None:
+    history, backend = app.history, app.backend
 
+    @app.page("/conversations/{conversation_id}/")
+    @require_token(app.settings.api_token)
+    @app.table_route(table=history, match_info="conversation_id")
+    async def conversation(view: View, request: Request, conversation_id: str) -> Response:
+        try:
+            limit = parse_limit(request.query.get("limit"))
+        except ValueError as exc:
+            return view.json({"error": str(exc)}, status=400)
+        turns = history[conversation_id]
+        if not turns:
+            return view.json({"error": f"no conversation {conversation_id!r}"}, status=404)
+        shown = turns[-limit:] if limit else turns
+        return view.json(
+            {"conversation_id": conversation_id, "total_turns": len(turns), "turns": shown}
+        )
 
-@app.page("/health/")
-async def health(view: View, request: Request) -> Response:
-    return view.json({"status": "ok"})
+    @app.page("/health/")
+    async def health(view: View, request: Request) -> Response:
+        return view.json({"status": "ok"})
 
+    @app.page("/ready/")
+    async def ready(view: View, request: Request) -> Response:
+        if app.crashed:  # stopping after a fatal error: send traffic elsewhere
+            return view.json({"status": "crashed", "reason": repr(app.crash_reason)}, status=503)
+        waiting = []
+        if not app.tables.recovery.completed.is_set():
+            waiting.append("table recovery")
+        if not backend.loaded:
+            waiting.append("model")
+        if waiting:
+            return view.json({"status": "starting", "waiting_for": waiting}, status=503)
+        return view.json({"status": "ready", "backend": backend.name})
 
-@app.page("/ready/")
-async def ready(view: View, request: Request) -> Response:
-    if app.crashed:  # stopping after a fatal error: send traffic elsewhere
-        return view.json({"status": "crashed", "reason": repr(app.crash_reason)}, status=503)
-    waiting = []
-    if not app.tables.recovery.completed.is_set():
-        waiting.append("table recovery")
-    if not backend.loaded:
-        waiting.append("model")
-    if waiting:
-        return view.json({"status": "starting", "waiting_for": waiting}, status=503)
-    return view.json({"status": "ready", "backend": backend.name})
+    @app.task
+    async def load_routing_metadata() -> None:
+        """Give table_route the changelog's partitions before the first request.
 
+        table_route hashes a key with the app producer's metadata. Under exactly_once that
+        producer never writes the changelog (transactional producers do), so it would not know
+        the topic and every routed request would fail with a TypeError. Ask for the partitions
+        once; aiokafka keeps them fresh from then on. (Faust offers no public call for this.)
+        """
+        producer = app.producer._ensure_producer()
+        await producer.partitions_for(history.changelog_topic.get_topic_name())
 
-@app.task
-async def load_routing_metadata() -> None:
-    """Give table_route the changelog's partitions before the first request.
-
-    table_route hashes a key with the app producer's metadata. Under exactly_once that producer
-    never writes the changelog (transactional producers do), so it would not know the topic and
-    every routed request would fail with a TypeError. Ask for the partitions once; aiokafka keeps
-    them fresh from then on. (Faust offers no public call for this.)
-    """
-    producer = app.producer._ensure_producer()
-    await producer.partitions_for(history.changelog_topic.get_topic_name())
-
-
-@app.timer(interval=10.0)
-async def count_conversations() -> None:
-    metrics.ACTIVE_CONVERSATIONS.set(len(history))
+    @app.timer(interval=10.0)
+    async def count_conversations() -> None:
+        app.metrics.active_conversations.set(len(history))

@@ -1,20 +1,27 @@
-"""Test set-up: unit tests import the app with the stand-in model and an in-memory store.
+"""Test set-up: the Kafka broker and worker fixtures (``tests.kafka_fixtures``,
+``tests.worker_fixtures``) and the unit tests' app.
 
-The environment is set before ``marvin_faust`` is imported, since the app reads its settings
-at import. End-to-end tests start real worker processes with their own environment.
+Importing ``marvin_faust`` builds nothing; a unit test that needs the app takes the
+``unit_app`` fixture: the stand-in model, an in-memory store, no broker contacted. End-to-end
+tests start real worker processes with their own environment.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-
-_UNIT_ENV = {
-    "MARVIN_BACKEND": "standin",
-    "MARVIN_STORE": "memory://",
-    "MARVIN_DATA_DIR": tempfile.mkdtemp(prefix="marvin-unit-"),
-}
-for _name, _value in _UNIT_ENV.items():
-    os.environ.setdefault(_name, _value)
+import pytest
 
 pytest_plugins = ["tests.kafka_fixtures", "tests.worker_fixtures"]
+
+
+@pytest.fixture(scope="session")
+def unit_app(tmp_path_factory: pytest.TempPathFactory):
+    from marvin_faust.app import create_app
+    from marvin_faust.settings import load_settings
+
+    settings = load_settings(
+        _env_file=None,
+        backend="standin",
+        store="memory://",
+        data_dir=tmp_path_factory.mktemp("unit-app"),
+    )
+    return create_app(settings)

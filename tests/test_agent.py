@@ -9,9 +9,7 @@ from unittest.mock import AsyncMock
 import pytest
 
 from marvin_faust import agents
-from marvin_faust.app import app, backend, settings
 from marvin_faust.llm.standin import FAIL_MARKER, HANG_MARKER
-from marvin_faust.tables import history
 
 
 def wire(cid: str, text: str, role: str = "human", **extra) -> bytes:
@@ -28,86 +26,92 @@ def wire(cid: str, text: str, role: str = "human", **extra) -> bytes:
 
 
 @pytest.fixture()
-async def agent(monkeypatch):
+def app(unit_app):
+    return unit_app
+
+
+@pytest.fixture()
+async def agent(app, monkeypatch):
     app.finalize()
     app.flow_control.resume()
-    if not backend.loaded:
-        await backend.start()
+    if not app.backend.loaded:
+        await app.backend.start()
     delivered = asyncio.get_running_loop().create_future()  # what a send returns: its delivery
     delivered.set_result(None)
-    monkeypatch.setattr(agents.reply_topic, "send", AsyncMock(return_value=delivered))
-    monkeypatch.setattr(agents.dead_letter_topic, "send", AsyncMock(return_value=delivered))
-    async with agents.answer.test_context() as test_agent:
+    topics = app.chat_topics
+    monkeypatch.setattr(topics.replies, "send", AsyncMock(return_value=delivered))
+    monkeypatch.setattr(topics.dead_letters, "send", AsyncMock(return_value=delivered))
+    async with app.answer.test_context() as test_agent:
+        test_agent.replies = lambda: [dict(c.kwargs) for c in topics.replies.send.call_args_list]
+        test_agent.dead_letters = lambda: [
+            dict(c.kwargs) for c in topics.dead_letters.send.call_args_list
+        ]
+        test_agent.history, test_agent.settings = app.history, app.settings
+        test_agent.answerer, test_agent.topics = app.answer.answerer, topics
         yield test_agent
-    history.data.clear()
+    app.history.data.clear()
 
 
-def replies() -> list[dict]:
-    return [dict(call.kwargs) for call in agents.reply_topic.send.call_args_list]
-
-
-def dead_letters() -> list[dict]:
-    return [dict(call.kwargs) for call in agents.dead_letter_topic.send.call_args_list]
-
-
-def reasons() -> list[str]:
-    return [dict(d["headers"])[agents.REASON_HEADER].decode() for d in dead_letters()]
+def reasons(agent) -> list[str]:
+    return [dict(d["headers"])[agents.REASON_HEADER].decode() for d in agent.dead_letters()]
 
 
 async def test_a_human_message_is_answered_and_stored(agent):
     await agent.put(wire("c1", "Hello"), key=b"c1", headers={"uuid": b"m1"})
-    [reply] = replies()
+    [reply] = agent.replies()
     assert reply["key"] == b"c1"
     value = json.loads(reply["value"])
     assert value["role"] == "AI" and value["conversation_id"] == value["uuid"] == "c1"
     assert value["text"] == "human: Hello"  # the stand-in echoes its prompt
     headers = dict(reply["headers"])
     assert headers["in-reply-to"] == b"m1"
-    stored = history["c1"]
+    stored = agent.history["c1"]
     assert [(t["role"], t["text"], t["message_id"]) for t in stored] == [
         ("human", "Hello", "m1"),
         ("AI", "human: Hello", headers["uuid"].decode()),
     ]
-    assert dead_letters() == []
+    assert agent.dead_letters() == []
 
 
 async def test_the_second_message_sees_the_first_turn_in_its_prompt(agent):
     await agent.put(wire("c2", "first"), key=b"c2")
     await agent.put(wire("c2", "second"), key=b"c2")
-    second = json.loads(replies()[1]["value"])["text"]
+    second = json.loads(agent.replies()[1]["value"])["text"]
     assert second == "human: first\nai: human: first\nhuman: second"
-    assert len(history["c2"]) == 4
+    assert len(agent.history["c2"]) == 4
 
 
 async def test_history_is_assigned_not_mutated(agent):
     await agent.put(wire("c3", "one"), key=b"c3")
-    before = history["c3"]
+    before = agent.history["c3"]
     await agent.put(wire("c3", "two"), key=b"c3")
     assert len(before) == 2  # the old value object was left alone
-    assert len(history["c3"]) == 4
+    assert len(agent.history["c3"]) == 4
 
 
 async def test_the_bots_own_messages_are_dropped(agent):
     await agent.put(wire("c4", "hi"), key=b"c4")
     await agent.put(wire("c4", "I am a reply", role="AI"), key=b"c4")
-    assert len(replies()) == 1
-    assert [t["text"] for t in history["c4"]] == ["hi", "human: hi"]
-    assert dead_letters() == []
+    assert len(agent.replies()) == 1
+    assert [t["text"] for t in agent.history["c4"]] == ["hi", "human: hi"]
+    assert agent.dead_letters() == []
 
 
 async def test_the_greeting_is_stored_as_the_first_ai_turn(agent):
-    await agent.put(wire("c5", settings.greeting, role="AI"), key=b"c5", headers={"uuid": b"g"})
-    assert replies() == []
-    assert history["c5"] == [
+    await agent.put(
+        wire("c5", agent.settings.greeting, role="AI"), key=b"c5", headers={"uuid": b"g"}
+    )
+    assert agent.replies() == []
+    assert agent.history["c5"] == [
         {
             "role": "AI",
-            "text": settings.greeting,
+            "text": agent.settings.greeting,
             "timestamp": 1_700_000_000_000_000_000,
             "message_id": "g",
         }
     ]
     await agent.put(wire("c5", "What?"), key=b"c5")
-    assert [t["role"] for t in history["c5"]] == ["AI", "human", "AI"]
+    assert [t["role"] for t in agent.history["c5"]] == ["AI", "human", "AI"]
 
 
 async def test_a_redelivered_message_is_answered_once(agent):
@@ -116,15 +120,17 @@ async def test_a_redelivered_message_is_answered_once(agent):
         event = await agent.put(wire("c6", "once"), key=b"c6", headers={"uuid": b"same"})
         outcomes.append(agent.results[event.message.offset])
     assert outcomes == [agents.Outcome.ANSWERED, agents.Outcome.DUPLICATE]
-    assert len(replies()) == 1
-    assert len(history["c6"]) == 2
+    assert len(agent.replies()) == 1
+    assert len(agent.history["c6"]) == 2
 
 
 async def test_stored_history_is_bounded(agent, monkeypatch):
-    monkeypatch.setattr(agents, "settings", settings.model_copy(update={"max_stored_turns": 4}))
+    monkeypatch.setattr(
+        agent.answerer, "settings", agent.settings.model_copy(update={"max_stored_turns": 4})
+    )
     for i in range(5):
         await agent.put(wire("c7", f"m{i}"), key=b"c7")
-    stored = history["c7"]
+    stored = agent.history["c7"]
     assert len(stored) == 4
     assert stored[-2]["text"] == "m4"
 
@@ -148,46 +154,49 @@ async def test_stored_history_is_bounded(agent, monkeypatch):
 async def test_bad_input_is_dead_lettered_with_original_bytes_and_reason(agent, value, key, reason):
     event = await agent.put(value, key=key, headers={"uuid": b"bad-1"})
     assert agent.results[event.message.offset] == agents.Outcome.DEAD_LETTERED
-    [letter] = dead_letters()
+    [letter] = agent.dead_letters()
     assert letter["value"] == value and letter["key"] == key
     headers = dict(letter["headers"])
     assert reason in headers[agents.REASON_HEADER].decode()
     assert headers["uuid"] == b"bad-1"
     assert headers[agents.SOURCE_HEADER].startswith(b"chat/")
-    assert replies() == []
-    assert history["c8"] == []
+    assert agent.replies() == []
+    assert agent.history["c8"] == []
     # and the agent keeps going
     await agent.put(wire("c8", "still there?"), key=b"c8")
-    assert len(replies()) == 1
+    assert len(agent.replies()) == 1
 
 
 async def test_a_model_timeout_is_dead_lettered(agent, monkeypatch):
-    monkeypatch.setattr(agents, "settings", settings.model_copy(update={"model_timeout": 0.2}))
+    monkeypatch.setattr(
+        agent.answerer, "settings", agent.settings.model_copy(update={"model_timeout": 0.2})
+    )
     await agent.put(wire("c9", f"wait {HANG_MARKER}"), key=b"c9")
-    assert reasons() == [reasons()[0]]
-    assert reasons()[0].startswith("model failed: no reply after")
+    assert reasons(agent) == [reasons(agent)[0]]
+    assert reasons(agent)[0].startswith("model failed: no reply after")
     await agent.put(wire("c9", "and now?"), key=b"c9")
-    assert len(replies()) == 1
+    assert len(agent.replies()) == 1
 
 
 async def test_the_reply_goes_to_the_partition_its_message_came_from(agent):
     # A CRC32 producer (librdkafka) may put a conversation where murmur2 would not.
     await agent.put(wire("c9", "Hello"), key=b"c9", partition=3)
-    [reply] = replies()
+    [reply] = agent.replies()
     assert reply["partition"] == 3
 
 
 async def test_at_least_once_writes_the_history_only_once_the_reply_is_delivered(
     agent, monkeypatch
 ):
-    assert not app.in_transaction  # outside a worker: no transactions, as at_least_once
+    # Outside a worker there are no transactions, as under at_least_once.
+    assert not agent.answerer.app.in_transaction
     delivery = asyncio.get_running_loop().create_future()
-    monkeypatch.setattr(agents.reply_topic, "send", AsyncMock(return_value=delivery))
+    monkeypatch.setattr(agent.topics.replies, "send", AsyncMock(return_value=delivery))
     handling = asyncio.ensure_future(agent.put(wire("c10", "Hello"), key=b"c10"))
     for _ in range(50):
         await asyncio.sleep(0)
-    assert agents.reply_topic.send.await_count == 1
-    assert history["c10"] == [], "the history said answered before the reply was delivered"
+    assert agent.topics.replies.send.await_count == 1
+    assert agent.history["c10"] == [], "the history said answered before the reply was delivered"
     delivery.set_result(None)
     await handling
-    assert [t["role"] for t in history["c10"]] == ["human", "AI"]
+    assert [t["role"] for t in agent.history["c10"]] == ["human", "AI"]

@@ -48,6 +48,51 @@ def test_dotenv_file_is_read(tmp_path, monkeypatch):
 def test_a_worker_notices_a_topic_created_after_it_joined_within_seconds():
     """A worker that joined before its new chat topic reached the metadata gets the topic's
     partitions at the next refresh: seconds, not Faust's default 5 minutes."""
-    from marvin_faust.app import app
+    from marvin_faust.app import create_app
 
+    app = create_app(load_settings(_env_file=None, backend="standin", store="memory://"))
     assert app.conf.consumer_metadata_max_age_ms <= 10_000
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["faust", "-A", "marvin_faust", "worker"], {}),
+        (["faust", "-A", "marvin_faust", "--datadir", "/s", "worker"], {"data_dir": "/s"}),
+        (["faust", "-A", "marvin_faust", "-D", "/s", "worker", "-l", "info"], {"data_dir": "/s"}),
+        (
+            ["marvin-faust", "--datadir=/s", "worker", "--web-port", "7000", "-b", "0.0.0.0"],
+            {"data_dir": "/s", "web_port": "7000", "web_bind": "0.0.0.0"},
+        ),
+        # -p before the command is not the worker's web port.
+        (["faust", "-A", "marvin_faust", "-p", "1", "chat"], {}),
+    ],
+)
+def test_faust_command_line_options_become_settings(argv, expected):
+    from marvin_faust.app import cli_overrides
+
+    assert cli_overrides(argv) == expected
+
+
+def test_faust_broker_url_is_taken_when_marvin_broker_is_unset(monkeypatch):
+    monkeypatch.delenv("MARVIN_BROKER", raising=False)
+    monkeypatch.setenv("BROKER_URL", "kafka://faust-style:9092")
+    assert load_settings(_env_file=None).broker == "kafka://faust-style:9092"
+    monkeypatch.setenv("MARVIN_BROKER", "kafka://ours:9092")
+    assert load_settings(_env_file=None).broker == "kafka://ours:9092"
+
+
+def test_faust_fixes_are_switched_off_by_number(monkeypatch):
+    monkeypatch.setenv("MARVIN_DISABLED_FAUST_FIXES", "4, 6")
+    assert load_settings(_env_file=None).faust_fixes_disabled == {4, 6}
+    monkeypatch.setenv("MARVIN_DISABLED_FAUST_FIXES", "8")
+    with pytest.raises(SettingsError, match="MARVIN_DISABLED_FAUST_FIXES"):
+        load_settings(_env_file=None)
+
+
+def test_another_faust_version_stops_the_start_naming_both():
+    from marvin_faust.faust_fixes import FaustVersionError, check_faust_version
+
+    with pytest.raises(FaustVersionError, match=r"verified on faust-streaming 0\.15\.3.*0\.16\.0"):
+        check_faust_version("0.16.0")
+    check_faust_version()  # the installed one is the verified one

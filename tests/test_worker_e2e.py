@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -220,3 +221,23 @@ def test_python_dash_m_runs_the_same_cli():
     )
     assert done.returncode == 0
     assert "greet" in done.stdout and "worker" in done.stdout
+
+
+def test_faust_options_and_broker_url_are_the_settings(worker_env, tmp_path):
+    """``faust -A marvin_faust --datadir X worker --web-port P`` with Faust's ``BROKER_URL``:
+    the state goes to X, the web server listens on P, the broker is BROKER_URL's."""
+    from tests.worker_fixtures import WorkerProcess
+
+    env = {k: v for k, v in worker_env.items() if k != "MARVIN_BROKER"}
+    env["BROKER_URL"] = worker_env["MARVIN_BROKER"]
+    data_dir = tmp_path / "from-the-command-line"
+    worker = WorkerProcess(
+        env=env, data_dir=data_dir, log_path=tmp_path / "cli.log", faust_options=True
+    )
+    try:
+        worker.start()
+        with urllib.request.urlopen(f"{worker.url}/ready/", timeout=30) as response:
+            assert response.status == 200
+        assert list(data_dir.rglob("tables")), "the table state is not under --datadir"
+    finally:
+        worker.stop()

@@ -39,17 +39,20 @@ class WorkerProcess:
     log_path: Path
     web_port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    # Data dir and web port as Faust's own options (--datadir, --web-port), not MARVIN_*.
+    faust_options: bool = False
 
     def start(self, timeout: float = 90.0) -> WorkerProcess:
-        env = {
-            **os.environ,
-            **self.env,
-            "MARVIN_DATA_DIR": str(self.data_dir),
-            "MARVIN_WEB_PORT": str(self.web_port),
-        }
+        env = {**os.environ, **self.env}
+        before, after = [], []
+        if self.faust_options:
+            before = ["--datadir", str(self.data_dir)]
+            after = ["--web-port", str(self.web_port)]
+        else:
+            env.update(MARVIN_DATA_DIR=str(self.data_dir), MARVIN_WEB_PORT=str(self.web_port))
         log = self.log_path.open("a")
         self.process = subprocess.Popen(
-            [FAUST, "-A", "marvin_faust", "worker", "-l", "info"],
+            [FAUST, "-A", "marvin_faust", *before, "worker", "-l", "info", *after],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

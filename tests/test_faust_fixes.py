@@ -1,28 +1,33 @@
-"""The Faust fixes in marvin_faust.patches that can be shown without a broker.
+"""The Faust fixes in marvin_faust.faust_fixes that can be shown without a broker: each fix is
+a mixin, put here on top of a stand-in for the Faust class it fixes.
 
-Their effect on real workers is shown by tests/test_reliability.py.
+Their effect on real workers is shown by tests/test_reliability.py and
+tests/test_client_families.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import weakref
 from types import SimpleNamespace
 
 import pytest
+from faust.streams import _current_event
+from faust.types import TP
 
-from marvin_faust import patches
+from marvin_faust import faust_fixes
+from marvin_faust.transactions import CommitBarrier
 
-
-@pytest.fixture(autouse=True)
-def fresh_state(monkeypatch):
-    """The lock and the flag are per process; every test gets its own."""
-    monkeypatch.setattr(patches, "_commit_barrier", asyncio.Lock())
-    monkeypatch.setattr(patches, "_final_commit_begun", asyncio.Event())
-    monkeypatch.setattr(patches, "_final_commit_done", asyncio.Event())
+ALL_FIXES_ON = SimpleNamespace(disabled=frozenset())
 
 
 def fake_app(*, stopping: bool = False, tables: dict | None = None) -> SimpleNamespace:
-    return SimpleNamespace(should_stop=stopping, in_transaction=False, tables=tables or {})
+    return SimpleNamespace(
+        should_stop=stopping,
+        in_transaction=False,
+        tables=tables or {},
+        commit_barrier=CommitBarrier(),
+    )
 
 
 async def settle() -> None:
@@ -30,32 +35,41 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-@pytest.fixture()
-def recorded_commits(monkeypatch) -> list[bool]:
-    """Faust's commit replaced by a recorder (of ``start_new_transaction``); its final commit
-    commits through the patched ``commit``, as Faust's does."""
-    commits: list[bool] = []
+class FaustCommits:
+    """Faust's consumer as fix 4 sees it: ``commit`` recorded (its ``start_new_transaction``),
+    and a final commit that commits through ``commit``, as Faust's does."""
 
-    async def original_commit(self, topics=None, start_new_transaction=True):
-        commits.append(start_new_transaction)
+    def __init__(self, app: SimpleNamespace, transport: SimpleNamespace = ALL_FIXES_ON) -> None:
+        self.app, self.transport = app, transport
+        self.commits: list[bool] = []
+
+    async def commit(self, topics=None, start_new_transaction=True) -> bool:
+        self.commits.append(start_new_transaction)
         return True
 
-    async def original_end(self):
-        await patches._commit_between_events(self, start_new_transaction=False)
-
-    monkeypatch.setattr(patches, "_original_commit", original_commit)
-    monkeypatch.setattr(patches, "_original_commit_and_end_transactions", original_end)
-    return commits
+    async def commit_and_end_transactions(self) -> None:
+        await self.commit(start_new_transaction=False)
 
 
-async def test_a_commit_waits_until_the_event_has_written_everything(recorded_commits):
-    consumer = SimpleNamespace(app=fake_app())
-    async with patches.writes_of_one_event():
-        commit = asyncio.ensure_future(patches._commit_between_events(consumer))
+class Committing(faust_fixes.CommitsBetweenEvents, FaustCommits):
+    pass
+
+
+async def test_a_commit_waits_until_the_event_has_written_everything():
+    app = fake_app()
+    consumer = Committing(app)
+    async with app.commit_barrier.writes_of_one_event():
+        commit = asyncio.ensure_future(consumer.commit())
         await settle()
-        assert not recorded_commits, "a commit ran between the writes of one event"
+        assert not consumer.commits, "a commit ran between the writes of one event"
     assert await commit is True
-    assert recorded_commits == [True]
+    assert consumer.commits == [True]
+
+
+async def write_one_event(barrier: CommitBarrier, wrote: asyncio.Event) -> None:
+    """An agent handling one event: it writes under the barrier."""
+    async with barrier.writes_of_one_event():
+        wrote.set()
 
 
 class SlowTable:
@@ -68,94 +82,90 @@ class SlowTable:
         await self.delivered
 
 
-async def test_a_commit_first_waits_until_the_table_writes_are_delivered(recorded_commits):
+async def test_a_commit_first_waits_until_the_table_writes_are_delivered():
     table = SlowTable()
-    consumer = SimpleNamespace(app=fake_app(tables={"history": table, "plain": object()}))
-    commit = asyncio.ensure_future(patches._commit_between_events(consumer))
+    app = fake_app(tables={"history": table, "plain": object()})
+    consumer = Committing(app)
+    commit = asyncio.ensure_future(consumer.commit())
     await settle()
-    assert not recorded_commits, "committed before the table write was delivered"
+    assert not consumer.commits, "committed before the table write was delivered"
     # Meanwhile no event writes: what the commit waits for is all it commits.
     wrote = asyncio.Event()
-
-    async def handle_one_event() -> None:
-        async with patches.writes_of_one_event():
-            wrote.set()
-
-    handler = asyncio.ensure_future(handle_one_event())
+    handler = asyncio.ensure_future(write_one_event(app.commit_barrier, wrote))
     await settle()
     assert not wrote.is_set()
     table.delivered.set_result(None)
     assert await commit is True
-    assert recorded_commits == [True]
+    assert consumer.commits == [True]
     await handler
     assert wrote.is_set()
 
 
-async def test_a_commit_whose_table_write_failed_raises_and_commits_nothing(recorded_commits):
+async def test_a_commit_whose_table_write_failed_raises_and_commits_nothing():
     table = SlowTable()
     table.delivered.set_exception(RuntimeError("ProducerFenced"))
-    consumer = SimpleNamespace(app=fake_app(tables={"history": table}))
+    app = fake_app(tables={"history": table})
+    consumer = Committing(app)
     with pytest.raises(RuntimeError, match="ProducerFenced"):
-        await patches._commit_between_events(consumer)
-    assert not recorded_commits
-    assert not patches._commit_barrier.locked()
+        await consumer.commit()
+    assert not consumer.commits
+    async with app.commit_barrier.writes_of_one_event():  # the barrier was let go
+        pass
 
 
-async def test_a_rebalance_ending_the_transactions_does_not_stop_the_writes(monkeypatch):
-    async def original_end(self):
-        return None
-
-    monkeypatch.setattr(patches, "_original_commit_and_end_transactions", original_end)
-    await patches._flag_and_commit_and_end_transactions(SimpleNamespace(app=fake_app()))
+async def test_a_rebalance_ending_the_transactions_does_not_stop_the_writes():
+    app = fake_app()
+    await Committing(app).commit_and_end_transactions()
     wrote = False
-    async with patches.writes_of_one_event():
+    async with app.commit_barrier.writes_of_one_event():
         wrote = True
     assert wrote
 
 
-async def test_nothing_is_written_after_the_final_commit_of_a_stop(monkeypatch):
-    async def original_end(self):
-        return None
-
-    monkeypatch.setattr(patches, "_original_commit_and_end_transactions", original_end)
-    stopping = fake_app(stopping=True)
-    await patches._flag_and_commit_and_end_transactions(SimpleNamespace(app=stopping))
+async def test_nothing_is_written_after_the_final_commit_of_a_stop():
+    app = fake_app(stopping=True)
+    await Committing(app).commit_and_end_transactions()
     wrote = asyncio.Event()
-
-    async def handle_one_event() -> None:
-        async with patches.writes_of_one_event():
-            wrote.set()
-
-    handler = asyncio.ensure_future(handle_one_event())
+    handler = asyncio.ensure_future(write_one_event(app.commit_barrier, wrote))
     await settle()
     assert not wrote.is_set() and not handler.done()
-    # It waits outside the lock: another commit (Faust's consumer stop) still goes through.
-    assert not patches._commit_barrier.locked()
+    # It waits outside the barrier: another commit (Faust's consumer stop) still goes through.
+    assert await asyncio.wait_for(Committing(fake_app()).commit(), 1) is True
+    async with asyncio.timeout(1), app.commit_barrier.between_events():
+        pass
     handler.cancel()  # what the worker's stop does to the agent
     with pytest.raises(asyncio.CancelledError):
         await handler
     assert not wrote.is_set()
 
 
-async def test_no_commit_follows_the_final_commit_of_a_stop(recorded_commits):
-    consumer = SimpleNamespace(app=fake_app(stopping=True))
-    await patches._flag_and_commit_and_end_transactions(consumer)
-    assert recorded_commits == [False]  # the final commit itself went through
-    assert await patches._commit_between_events(consumer) is False  # the timer's next one
-    assert recorded_commits == [False]
+async def test_no_commit_follows_the_final_commit_of_a_stop():
+    consumer = Committing(fake_app(stopping=True))
+    await consumer.commit_and_end_transactions()
+    assert consumer.commits == [False]  # the final commit itself went through
+    assert await consumer.commit() is False  # the timer's next one
+    assert consumer.commits == [False]
 
 
-async def test_after_a_rebalance_commits_go_on(recorded_commits):
-    consumer = SimpleNamespace(app=fake_app())
-    await patches._flag_and_commit_and_end_transactions(consumer)
-    assert await patches._commit_between_events(consumer) is True
-    assert recorded_commits == [False, True]
+async def test_after_a_rebalance_commits_go_on():
+    consumer = Committing(fake_app())
+    await consumer.commit_and_end_transactions()
+    assert await consumer.commit() is True
+    assert consumer.commits == [False, True]
 
 
-class FlowingConsumer:
-    """The flow switches of Faust's consumer, and what the seek saw of them."""
+async def test_with_fix_4_off_a_commit_does_not_wait_for_the_event():
+    app = fake_app()
+    consumer = Committing(app, transport=SimpleNamespace(disabled=frozenset({4})))
+    async with app.commit_barrier.writes_of_one_event():
+        assert await asyncio.wait_for(consumer.commit(), 1) is True
+
+
+class FaustSeeks:
+    """The flow switches of Faust's consumer, and what its seek saw of them."""
 
     def __init__(self, flowing: bool) -> None:
+        self.transport = ALL_FIXES_ON
         self.flow_active = flowing
         self.flow_during_seek: list[bool] = []
 
@@ -165,24 +175,26 @@ class FlowingConsumer:
     def resume_flow(self) -> None:
         self.flow_active = True
 
-
-async def test_the_seek_runs_with_the_flow_stopped_and_restores_it(monkeypatch):
-    async def original_seek(self):
+    async def perform_seek(self) -> None:
         self.flow_during_seek.append(self.flow_active)
 
-    monkeypatch.setattr(patches, "_original_perform_seek", original_seek)
-    flowing, stopped = FlowingConsumer(True), FlowingConsumer(False)
-    await patches._perform_seek_with_the_flow_stopped(flowing)
-    await patches._perform_seek_with_the_flow_stopped(stopped)
+
+class Seeking(faust_fixes.SeeksWithTheFlowStopped, FaustSeeks):
+    pass
+
+
+async def test_the_seek_runs_with_the_flow_stopped_and_restores_it():
+    flowing, stopped = Seeking(True), Seeking(False)
+    await flowing.perform_seek()
+    await stopped.perform_seek()
     assert flowing.flow_during_seek == [False] and flowing.flow_active
     assert stopped.flow_during_seek == [False] and not stopped.flow_active
 
 
-async def test_the_history_table_waits_for_its_changelog_writes(monkeypatch):
+async def test_the_history_table_waits_for_its_changelog_writes(unit_app, monkeypatch):
     from faust.tables.base import Collection
 
-    from marvin_faust.tables import history
-
+    history = unit_app.history
     futures: list[asyncio.Future] = []
 
     def send_changelog(self, *args, **kwargs):
@@ -203,11 +215,12 @@ async def test_the_history_table_waits_for_its_changelog_writes(monkeypatch):
     await waiting
 
 
-class RevokingConsumer:
+class FaustRevokes:
     """Faust's per-partition consumer bookkeeping, with an app handler recording the acks it
     would commit."""
 
     def __init__(self, tp) -> None:
+        self.transport = ALL_FIXES_ON
         self.diag = SimpleNamespace(set_flag=lambda flag: None, unset_flag=lambda flag: None)
         self._active_partitions = {tp}
         self._paused_partitions = {tp}
@@ -222,13 +235,15 @@ class RevokingConsumer:
         self.acked_at_commit = {tp: list(self._acked.get(tp, [])) for tp in revoked}
 
 
-async def test_a_revocation_commits_the_acks_before_forgetting_them():
-    from faust.types import TP
+class Revoking(faust_fixes.RevocationsCommitTheirAcks, FaustRevokes):
+    pass
 
+
+async def test_a_revocation_commits_the_acks_before_forgetting_them():
     revoked, kept = TP("chat", 0), TP("chat", 1)
-    consumer = RevokingConsumer(revoked)
+    consumer = Revoking(revoked)
     consumer._acked[kept] = [3]
-    await patches._on_partitions_revoked_after_their_commit(consumer, {revoked})
+    await consumer.on_partitions_revoked({revoked})
     assert consumer.acked_at_commit == {revoked: [7, 8]}
     assert revoked not in consumer._active_partitions | consumer._paused_partitions
     for per_partition in (consumer._acked, consumer._acked_index, consumer._read_offset):
@@ -244,6 +259,22 @@ class Event:
         self.message = SimpleNamespace(tp=tp)
 
 
+class FaustSends:
+    """Faust's transaction manager as fix 7 sees it: ``send`` by destination, recorded."""
+
+    transactional_id_format = "{group_id}-{tpg.group}-{tpg.partition}"
+
+    async def send(
+        self, topic, key, value, partition, timestamp, headers, *, transactional_id=None
+    ):
+        self.producer.sent.append((topic, partition, f"marvin-0-{partition}"))
+        return asyncio.get_running_loop().create_future()
+
+
+class Sending(faust_fixes.SendsInTheEventsTransaction, FaustSends):
+    pass
+
+
 class RecordingProducer:
     def __init__(self) -> None:
         self.sent: list[tuple] = []
@@ -254,9 +285,10 @@ class RecordingProducer:
 
 
 def transaction_manager(consumer_partitions: dict[str, int]):
-    """An EventTransactionManager on app "marvin" whose topics are all in assignor group 0;
+    """A transaction manager with fix 7 on app "marvin" whose topics are all in assignor group 0;
     the consumer knows ``consumer_partitions`` (topic -> the partition a key hashes to)."""
-    manager = patches.EventTransactionManager.__new__(patches.EventTransactionManager)
+    manager = Sending()
+    manager.transport = ALL_FIXES_ON
     manager.app = SimpleNamespace(
         conf=SimpleNamespace(id="marvin"),
         assignor=SimpleNamespace(group_for_topic=lambda topic: 0),
@@ -271,11 +303,6 @@ def transaction_manager(consumer_partitions: dict[str, int]):
 
 
 async def test_what_an_event_sends_joins_the_transaction_of_the_events_partition():
-    import weakref
-
-    from faust.streams import _current_event
-    from faust.types import TP
-
     manager = transaction_manager({"chat": 3})
     event = Event(TP("chat", 1))  # a librdkafka producer put the message on partition 1
     token = _current_event.set(weakref.ref(event))

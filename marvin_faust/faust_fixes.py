@@ -1,0 +1,284 @@
+"""Seven fixes to faust-streaming, as subclasses of its aiokafka transport.
+
+``MarvinApp`` runs on :class:`Transport`, whose consumer, consumer thread and transaction
+manager carry the fixes; nothing in Faust is replaced process-wide, so another Faust app in the
+same process (the bench's baseline) runs on Faust as released. The fixes were verified on
+faust-streaming :data:`VERIFIED_FAUST_VERSION` only: :func:`check_faust_version` stops a start
+on any other. ``MARVIN_DISABLED_FAUST_FIXES`` turns fixes off by number, for the tests that show
+a fix's bug without it. None is fixed upstream.
+
+1. Recovery highwaters. Under exactly_once the table recovery takes a changelog partition's
+   highwater from aiokafka's ``last_stable_offset``, unknown (-1) until that partition was
+   fetched: right after a rebalance a worker crashed with ``ConsistencyError: The persisted
+   offset ... is higher than the last offset in that topic (highwater)`` or skipped the recovery.
+   Asks the broker instead (robinhood/faust#658).
+2. Transactional producers of revoked partitions. Faust stops only the ones its assignor does
+   not call standby, and it calls the chat partitions behind a standby changelog standby too;
+   the kept producer is fenced by the next owner and crashes the worker when the partition
+   comes back (``ProducerFenced``). Stops every revoked partition's producer not still active.
+3. Partitions with no committed offset. After a rebalance or recovery Faust seeks back to the
+   committed offsets; aiokafka leaves a partition without one where its fetcher got to, and the
+   messages waiting there were skipped. Sends those to where ``consumer_auto_offset_reset``
+   says a new group starts.
+4. One event's records in one transaction. Faust commits on a timer between any two awaits and
+   waits for nothing: a history write and its reply could land in two transactions, and a stop
+   could write after its final commit. A commit takes the app's
+   :class:`~marvin_faust.transactions.CommitBarrier` (the agent writes one event under it) and
+   first waits for every table write made so far; after the stop's final commit nothing more
+   commits (it crashed with "Not in the middle of a transaction").
+5. No stale records after a seek. A batch fetched before the post-recovery seek could still be
+   handed out after it and make Faust drop the message at the committed offset as already
+   read. The consumer's flow is stopped for the seek.
+6. Acknowledgements kept for the rebalance's commit. On a revocation Faust forgot what was
+   acknowledged since the last commit before committing it: those answers stayed in open or
+   aborted transactions while RocksDB kept their history (messages lost or answered twice).
+   Forgets them after the commit (probably faust-streaming/faust#502).
+7. What an event sends commits with that event. Faust picks a record's transaction by the
+   partition it is written to. A reply keyed by murmur2 to a message a CRC32 producer
+   (librdkafka) had put elsewhere sat in another partition's transaction, committed only when
+   that partition's offset moved, while the worker's ``read_committed`` consumer waited behind
+   it there: a stall, then ``ProducerFenced``. A record for a topic the consumer has no
+   metadata for went out with no transaction at all (faust-streaming/faust#177). Sends what an
+   event produces in the transaction of the event's partition, as Kafka Streams' task producer
+   does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Iterable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import faust
+from faust.streams import current_event
+from faust.transport.consumer import (
+    CONSUMER_PARTITIONS_REVOKED,
+    TopicPartitionGroup,
+)
+from faust.transport.consumer import Consumer as BaseConsumer
+from faust.transport.consumer import TransactionManager as BaseTransactionManager
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP, HeadersArg, RecordMetadata
+
+VERIFIED_FAUST_VERSION = "0.15.3"
+FIXES = frozenset(range(1, 8))
+
+
+class FaustVersionError(Exception):
+    """The installed faust-streaming is not the one the fixes were verified on."""
+
+
+def check_faust_version(installed: str = faust.__version__) -> None:
+    if installed != VERIFIED_FAUST_VERSION:
+        raise FaustVersionError(
+            f"marvin-faust's Faust fixes were verified on faust-streaming "
+            f"{VERIFIED_FAUST_VERSION}, but {installed} is installed: install "
+            f"faust-streaming=={VERIFIED_FAUST_VERSION}"
+        )
+
+
+@runtime_checkable
+class AwaitableWrites(Protocol):
+    """A table whose buffered changelog writes can be awaited (``tables.HistoryTable``)."""
+
+    async def wait_written(self) -> None: ...
+
+
+def _fixes(service: Any, number: int) -> bool:
+    """Whether fix ``number`` is on for the transport ``service`` belongs to."""
+    return number not in getattr(service.transport, "disabled", frozenset())
+
+
+# -- The consumer thread -----------------------------------------------------------------------
+
+
+class HighwatersFromTheBroker:
+    """Fix 1 (robinhood/faust#658): recovery highwaters asked of the broker."""
+
+    async def _highwaters(self, partitions: Iterable[TP]) -> Mapping[TP, int]:
+        if not (_fixes(self.consumer, 1) and self.consumer.in_transaction):
+            return await super()._highwaters(partitions)
+        # ListOffsets from a read_committed consumer: the last stable offset, fetched or not.
+        consumer: Any = self._ensure_consumer()
+        return await consumer.end_offsets(list(partitions))
+
+
+class NeverCommittedFromTheStart:
+    """Fix 3: partitions with no committed offset are read from the start after a seek."""
+
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        committed = await super().seek_to_committed()
+        if not _fixes(self.consumer, 3) or self.app.conf.consumer_auto_offset_reset != "earliest":
+            return committed
+        # Streams only: changelog positions belong to the recovery, and Faust's internal topics
+        # (the assignor's leader topic) are not acked.
+        topics = self.app.topics
+        never_committed = sorted(
+            tp
+            for tp, offset in committed.items()
+            if offset is None and topics.acks_enabled_for(tp.topic)
+        )
+        if never_committed:
+            self.log.info("Seeking to the start of partitions never committed: %s", never_committed)
+            await self.seek_to_beginning(*never_committed)
+        return committed
+
+
+class ConsumerThread(
+    HighwatersFromTheBroker, NeverCommittedFromTheStart, faust_aiokafka.AIOKafkaConsumerThread
+):
+    pass
+
+
+# -- The consumer ------------------------------------------------------------------------------
+
+
+class CommitsBetweenEvents:
+    """Fix 4: a commit never falls between one event's records, nor after a stop's last one."""
+
+    async def commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
+        barrier = getattr(self.app, "commit_barrier", None)
+        if barrier is None or not _fixes(self, 4):
+            return await super().commit(topics, start_new_transaction=start_new_transaction)
+        async with barrier.between_events() as may_commit:
+            if not may_commit:
+                # The stop's transactions are over: Faust's commit timer would fail with "Not
+                # in the middle of a transaction". What is left uncommitted is read again.
+                return False
+            # A delivery failure raises here and crashes the consumer, as Faust's own send
+            # failures at commit do: the transaction cannot commit, the next worker redoes it.
+            for table in self.app.tables.values():
+                if isinstance(table, AwaitableWrites):
+                    await table.wait_written()
+            return await super().commit(topics, start_new_transaction=start_new_transaction)
+
+    async def commit_and_end_transactions(self) -> None:
+        barrier = getattr(self.app, "commit_barrier", None)
+        # Faust also ends its transactions before every rebalance; only the stop's is final.
+        final = barrier is not None and _fixes(self, 4) and bool(self.app.should_stop)
+        if final:
+            barrier.final_commit_begins()
+        await super().commit_and_end_transactions()
+        if final:
+            barrier.final_commit_ended()
+
+
+class SeeksWithTheFlowStopped:
+    """Fix 5: no record fetched before the post-recovery seek is handed out after it."""
+
+    async def perform_seek(self) -> None:
+        if not _fixes(self, 5):
+            return await super().perform_seek()
+        was_flowing = self.flow_active
+        self.stop_flow()  # Faust's getmany abandons a batch it is handing out when the flow stops
+        try:
+            await super().perform_seek()
+        finally:
+            if was_flowing:
+                self.resume_flow()
+
+
+class RevocationsCommitTheirAcks:
+    """Fix 6 (probably faust-streaming/faust#502): a revocation commits what was acked."""
+
+    @BaseConsumer.transitions_to(CONSUMER_PARTITIONS_REVOKED)  # as Faust's own, for diagnostics
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        if not _fixes(self, 6):
+            return await super().on_partitions_revoked(revoked)
+        # Faust's own version clears this bookkeeping first; the app's handler (stop the flow,
+        # wait for the agents, commit what they acked, end the transactions) needs the acks.
+        if self._active_partitions is not None:
+            self._active_partitions.difference_update(revoked)
+        self._paused_partitions.difference_update(revoked)
+        await self._on_partitions_revoked(revoked)
+        for per_partition in (
+            self._gap,
+            self._acked,
+            self._acked_index,
+            self._read_offset,
+            self._committed_offset,
+        ):
+            for tp in revoked:
+                per_partition.pop(tp, None)
+
+
+class Consumer(
+    CommitsBetweenEvents,
+    SeeksWithTheFlowStopped,
+    RevocationsCommitTheirAcks,
+    faust_aiokafka.Consumer,
+):
+    def _new_consumer_thread(self) -> ConsumerThread:
+        return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+# -- The transaction manager -------------------------------------------------------------------
+
+
+def _transactional_ids(manager: Any, tps: Iterable[TP]) -> set[str]:
+    """The transactional ids of ``tps``, standby or not (Faust's own helper leaves standbys out)."""
+    assignor = manager.app.assignor
+    return {
+        manager.transactional_id_format.format(
+            tpg=TopicPartitionGroup(tp.topic, tp.partition, assignor.group_for_topic(tp.topic)),
+            group_id=manager.app.conf.id,
+        )
+        for tp in tps
+    }
+
+
+class StopsRevokedProducers:
+    """Fix 2: every revoked partition's transactional producer stops, standby or not."""
+
+    async def on_rebalance(
+        self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP]
+    ) -> None:
+        if _fixes(self, 2):
+            still_active = self._tps_to_transactional_ids(assigned)
+            gone = sorted(_transactional_ids(self, revoked) - still_active)
+            if gone:
+                self.log.info("Stopping transactional producers of revoked partitions: %s", gone)
+                await self._stop_transactions(gone)
+        await super().on_rebalance(assigned, revoked, newly_assigned)
+
+
+class SendsInTheEventsTransaction:
+    """Fix 7 (faust-streaming/faust#177): what an event sends joins that event's transaction."""
+
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        timestamp: float | None,
+        headers: HeadersArg | None,
+        *,
+        transactional_id: str | None = None,
+    ) -> Awaitable[RecordMetadata]:
+        event = current_event()
+        # No event: a changelog write from Faust's buffer, which names its partition.
+        if event is None or not _fixes(self, 7):
+            return await super().send(topic, key, value, partition, timestamp, headers)
+        [transactional_id] = _transactional_ids(self, [event.message.tp])
+        if partition is None:  # None for a topic the consumer has no metadata for
+            partition = self.consumer.key_partition(topic, key, None)
+        return await self.producer.send(
+            topic, key, value, partition, timestamp, headers, transactional_id=transactional_id
+        )
+
+
+class TransactionManager(
+    StopsRevokedProducers, SendsInTheEventsTransaction, BaseTransactionManager
+):
+    pass
+
+
+class Transport(faust_aiokafka.Transport):
+    """Faust's aiokafka transport with every fix not listed in ``disabled``."""
+
+    Consumer = Consumer
+    TransactionManager = TransactionManager
+
+    def __init__(self, *args: Any, disabled: Iterable[int] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.disabled = frozenset(disabled)
