@@ -112,7 +112,10 @@ class Answerer:
         chat_topic, reply_topic = self.topics.chat, self.topics.replies
         if reply_topic is chat_topic:
             return True
-        await reply_topic.maybe_declare()  # asking for a missing topic would create it
+        # Asking for a missing topic's partitions would create it with the broker's defaults,
+        # and the agent can get here before Faust has declared its topics.
+        for topic in (chat_topic, reply_topic):
+            await topic.maybe_declare()
         producer = self.app.producer._ensure_producer()  # Faust offers no public call for this
         chat, replies = [
             await producer.partitions_for(topic.get_topic_name())
