@@ -1,8 +1,9 @@
 """The bench's own Kafka broker and worker processes, and what it records about the machine.
 
-Workers are started exactly as in the end-to-end tests (``tests.worker_fixtures.WorkerProcess``:
-``faust -A marvin_faust worker -l info``, ready at "[^Worker]: Ready"), the broker with the
-tests' ``make_broker`` (a ``LocalBroker`` on free loopback ports, sharing ``.kafka/lib``).
+Workers are started exactly as in the end-to-end tests (``marvin_faust.testing.processes``'
+``WorkerProcess``: ``faust -A marvin_faust worker -l info``, ready at "[^Worker]: Ready"), the
+broker as the tests' (``marvin_faust.testing.kafka.start_broker``: a ``LocalBroker`` on free
+loopback ports, sharing ``.kafka/lib``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
@@ -26,25 +26,12 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from marvin_faust.broker import BrokerError, LocalBroker
-from tests.kafka_fixtures import make_broker
-from tests.worker_fixtures import FAUST, READY_LINE, WorkerProcess
+from marvin_faust.broker import LocalBroker
+from marvin_faust.testing.kafka import start_broker
+from marvin_faust.testing.processes import WorkerProcess, stop_group
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
-
-
-def start_broker(home: Path) -> LocalBroker:
-    """A started single-node broker on free loopback ports (retried if a port got taken)."""
-    for attempt in range(3):
-        broker = make_broker(home)
-        try:
-            broker.start(timeout=180)
-            return broker
-        except BrokerError as exc:
-            if "already in use" not in str(exc) or attempt == 2:
-                raise
-    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -103,7 +90,7 @@ class Cluster:
             log_path=self.workdir / f"{index:02d}-{name}.log",
         )
         self.workers.append(loop)
-        return loop.start()
+        return loop.start(timeout=300)
 
     def bare_loop(self, name: str, latency: float, mode: str) -> BareLoopProcess:
         """The baseline loop on a topic of its own, started (it owns the partitions)."""
@@ -130,7 +117,7 @@ class Cluster:
 @contextmanager
 def cluster(workdir: Path, partitions: int) -> Iterator[Cluster]:
     workdir.mkdir(parents=True, exist_ok=True)
-    broker = start_broker(workdir / "kafka")
+    broker = start_broker(workdir / "kafka", timeout=180)
     running = Cluster(broker=broker, workdir=workdir, partitions=partitions)
     try:
         yield running
@@ -143,19 +130,8 @@ def cluster(workdir: Path, partitions: int) -> Iterator[Cluster]:
 class FaustLoopProcess(WorkerProcess):
     """``faust -A bench.faust_loop worker``: the minimal Faust agent, run like the worker."""
 
-    def start(self, timeout: float = 300.0) -> FaustLoopProcess:
-        env = {**os.environ, **self.env, "MARVIN_DATA_DIR": str(self.data_dir)}
-        with self.log_path.open("a") as log:
-            self.process = subprocess.Popen(
-                [FAUST, "-A", "bench.faust_loop", "worker", "-l", "info"],
-                cwd=REPO,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.wait_for(READY_LINE, timeout)
-        return self
+    app: str = "bench.faust_loop"
+    cwd: Path | None = REPO
 
     def stop(self, timeout: float = 5.0) -> None:
         # Under exactly_once Faust 0.15.3 can end its loop here on "IllegalOperation: Not in
@@ -202,13 +178,8 @@ class BareLoopProcess:
         return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        if self.process is not None:
+            stop_group(self.process)
 
 
 async def create_topics(bootstrap: str, names: list[str], partitions: int) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from marvin_faust.conversation import Turn, make_turn
-from tests.worker_fixtures import changelog_topic, one_conversation_per_partition
+from marvin_faust.testing.kafka import changelog_topic, one_conversation_per_partition
 
 from .driver import Driver
 from .harness import Cluster, http_get

@@ -54,7 +54,7 @@ def history_window(
 
     The result is exactly ``trim_messages(to_messages(history), max_tokens=token_budget,
     strategy="last", start_on="human", allow_partial=False)`` with a counter summing the
-    texts' tokens (tests/test_conversation_window.py checks it against LangChain). It is
+    texts' tokens (tests/unit/test_conversation.py checks it against LangChain). It is
     computed on the turns themselves: walking back from the newest turn counts each text once
     and builds messages for the window only, where trim_messages builds one per stored turn
     and recounts whole prefixes in its binary search; on a 200-turn history that was most of

@@ -1,5 +1,8 @@
-"""Test set-up: the Kafka broker and worker fixtures (``tests.kafka_fixtures``,
-``tests.worker_fixtures``) and the unit tests' app.
+"""Test set-up: the Kafka broker and worker fixtures (``tests.fixtures``) and the unit tests'
+app.
+
+``tests/unit`` mirrors the package and needs no broker; ``tests/e2e`` starts brokers and worker
+processes. The helpers both use (and the bench too) are in ``marvin_faust.testing``.
 
 Importing ``marvin_faust`` builds nothing; a unit test that needs the app takes the
 ``unit_app`` fixture: the stand-in model, an in-memory store, no broker contacted. End-to-end
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins = ["tests.kafka_fixtures", "tests.worker_fixtures"]
+pytest_plugins = ["tests.fixtures"]
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.kafka_fixtures import REPO, free_ports
-from tests.processes import live_processes
+from marvin_faust.testing.ports import free_ports
+from marvin_faust.testing.processes import live_processes
+from tests.fixtures import REPO
 
 pytestmark = pytest.mark.kafka
 

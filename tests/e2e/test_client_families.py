@@ -15,35 +15,22 @@ import uuid
 
 import pytest
 
-from tests.test_views_e2e import get
-from tests.traffic import (
+from marvin_faust.testing.kafka import bootstrap_of, consume, create_topic, run
+from marvin_faust.testing.processes import cli_env, say
+from marvin_faust.testing.traffic import (
     PARTITIONER_OF,
     ChatProducer,
     ReplyReader,
     one_in_flight,
     percentile,
 )
-from tests.verifier import Sent, human_message, verify
-from tests.worker_fixtures import run
+from marvin_faust.testing.verifier import Sent, conversation_messages, verify
+from marvin_faust.testing.web import get
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(600)]
 
 GUARANTEES = ("exactly_once", "at_least_once")
 FATAL_SIGNS = ("ProducerFenced", "Crashed reason", "We experienced a crash")
-
-
-def messages(conversations: int, per_conversation: int) -> list[Sent]:
-    """Round robin over the conversations: their turns interleave, as many people's do."""
-    cids = [str(uuid.uuid4()) for _ in range(conversations)]
-    return [
-        human_message(cid, f"turn {i} of {cid[:8]}")
-        for i in range(per_conversation)
-        for cid in cids
-    ]
-
-
-def bootstrap_of(env: dict[str, str]) -> str:
-    return env["MARVIN_BROKER"].removeprefix("kafka://")
 
 
 def one_at_a_time(env: dict[str, str], family: str, sent: list[Sent]) -> str:
@@ -102,10 +89,10 @@ def test_traffic_from_a_client_family(start_worker, worker_env, family, guarante
     }
     env = {**worker_env, **settings}
     first = start_worker(**settings)
-    one_by_one = messages(20, 10)
+    one_by_one = conversation_messages(20, 10)
     figures = [one_at_a_time(env, family, one_by_one)]
     second = start_worker(**settings)
-    flood = messages(100, 10)
+    flood = conversation_messages(100, 10)
     figures.append(all_at_once(env, family, flood))
     check_exactly_once(env, one_by_one + flood, [first, second])
 
@@ -132,7 +119,7 @@ def test_a_librdkafka_front_end_and_a_worker_left_at_murmur2(start_worker, worke
     }
     env = {**worker_env, **settings}
     worker = start_worker(**settings)
-    one_by_one, flood = messages(20, 5), messages(100, 10)
+    one_by_one, flood = conversation_messages(20, 5), conversation_messages(100, 10)
     figures = [
         one_at_a_time(env, "librdkafka", one_by_one),
         all_at_once(env, "librdkafka", flood),
@@ -151,7 +138,7 @@ def test_a_fenced_worker_exits_non_zero_within_seconds_and_is_not_ready(start_wo
     env = {**worker_env, **settings}
     worker = start_worker(**settings)
     bootstrap = bootstrap_of(env)
-    first = messages(1, 1)
+    first = conversation_messages(1, 1)
     run(send_with("aiokafka", env, first))
     assert run(replies_within(env, first, 30.0)), "no reply before the fence"
 
@@ -166,7 +153,7 @@ def test_a_fenced_worker_exits_non_zero_within_seconds_and_is_not_ready(start_wo
 
     run(fence())
     fenced_at = time.monotonic()
-    run(send_with("aiokafka", env, messages(1, 1)))
+    run(send_with("aiokafka", env, conversation_messages(1, 1)))
     ready_answers = []
     while worker.process.poll() is None and time.monotonic() - fenced_at < 60:
         if "fatal error" in worker.log_text():
@@ -208,8 +195,6 @@ def test_the_projects_own_clients_place_keys_with_the_setting(start_worker, work
     """``marvin-faust say`` with MARVIN_PARTITIONER=crc32 writes where a librdkafka front end
     would, and the view of that conversation is found."""
     from marvin_faust.partitioners import crc32_partitioner, murmur2_partitioner
-    from tests.test_cli_e2e import cli_env, say
-    from tests.worker_fixtures import consume
 
     settings = {"MARVIN_PARTITIONS": "4", "MARVIN_PARTITIONER": "crc32"}
     worker = start_worker(**settings)
@@ -244,8 +229,6 @@ def test_replies_and_dead_letters_on_other_topics_are_in_the_transaction(
     (faust-streaming/faust#177): this test shows that too. The 30 s commit interval leaves time
     to look before the first commit."""
     from marvin_faust.partitioners import murmur2_partitioner
-    from tests.test_partitioners import create_topic
-    from tests.worker_fixtures import consume
 
     reply_topic = f"{worker_env['MARVIN_TOPIC']}-replies"
     run(create_topic(bootstrap_of(worker_env), reply_topic, 3))
@@ -257,7 +240,7 @@ def test_replies_and_dead_letters_on_other_topics_are_in_the_transaction(
     }
     env = {**worker_env, **settings}
     worker = start_worker(**settings)
-    good = messages(1, 1)
+    good = conversation_messages(1, 1)
     bad = Sent(good[0].cid, str(uuid.uuid4()), b"{not json", valid=False)
     run(send_with("librdkafka", env, [*good, bad]))
     deadline = time.monotonic() + 20

@@ -1,8 +1,8 @@
 """The Faust fixes in marvin_faust.faust_fixes that can be shown without a broker: each fix is
 a mixin, put here on top of a stand-in for the Faust class it fixes.
 
-Their effect on real workers is shown by tests/test_reliability.py and
-tests/test_client_families.py.
+Their effect on real workers is shown by tests/e2e/test_reliability.py and
+tests/e2e/test_client_families.py.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.worker_fixtures import (
-    FAUST,
+from marvin_faust.testing.kafka import (
+    ask,
+    bootstrap_of,
     changelog_topic,
     consume,
     produce,
@@ -21,30 +22,15 @@ from tests.worker_fixtures import (
     run,
     wire_value,
 )
+from marvin_faust.testing.processes import FAUST, WorkerProcess
 
 pytestmark = pytest.mark.kafka
 
 GREETING = "Hello, my name is Marvin. What do you want?"
 
 
-def ask(env: dict, cid: str, text: str, expected_replies: int, message_id: str | None = None):
-    """Produce one human record in the wire format and wait for the conversation's replies."""
-    bootstrap = env["MARVIN_BROKER"].removeprefix("kafka://")
-    headers = [("uuid", (message_id or str(uuid.uuid4())).encode())]
-    run(produce(bootstrap, env["MARVIN_TOPIC"], [(cid.encode(), wire_value(cid, text), headers)]))
-    records = run(
-        consume(
-            bootstrap,
-            env["MARVIN_TOPIC"],
-            until=lambda rs: len(replies_for(rs, cid)) >= expected_replies,
-            settle=1.0,
-        )
-    )
-    return replies_for(records, cid)
-
-
 def changelog_history(env: dict, cid: str) -> list[dict]:
-    bootstrap = env["MARVIN_BROKER"].removeprefix("kafka://")
+    bootstrap = bootstrap_of(env)
     records = run(
         consume(
             bootstrap,
@@ -88,7 +74,7 @@ def test_a_fresh_worker_rebuilds_history_from_the_changelog(start_worker, worker
 
 def test_poison_messages_are_dead_lettered_and_good_ones_still_answered(start_worker, worker_env):
     start_worker()
-    bootstrap = worker_env["MARVIN_BROKER"].removeprefix("kafka://")
+    bootstrap = bootstrap_of(worker_env)
     cid = str(uuid.uuid4())
     poison = [
         (cid.encode(), b"{not json"),
@@ -153,7 +139,7 @@ def test_greet_opens_a_conversation_stored_as_the_first_ai_turn(start_worker, wo
     assert done.returncode == 0, done.stderr
     cid = done.stdout.strip()
     assert str(uuid.UUID(cid)) == cid
-    bootstrap = worker_env["MARVIN_BROKER"].removeprefix("kafka://")
+    bootstrap = bootstrap_of(worker_env)
     records = run(
         consume(
             bootstrap, worker_env["MARVIN_TOPIC"], until=lambda rs: len(replies_for(rs, cid)) >= 1
@@ -226,8 +212,6 @@ def test_python_dash_m_runs_the_same_cli():
 def test_faust_options_and_broker_url_are_the_settings(worker_env, tmp_path):
     """``faust -A marvin_faust --datadir X worker --web-port P`` with Faust's ``BROKER_URL``:
     the state goes to X, the web server listens on P, the broker is BROKER_URL's."""
-    from tests.worker_fixtures import WorkerProcess
-
     env = {k: v for k, v in worker_env.items() if k != "MARVIN_BROKER"}
     env["BROKER_URL"] = worker_env["MARVIN_BROKER"]
     data_dir = tmp_path / "from-the-command-line"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,13 +15,14 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from tests.kafka_fixtures import LOOPBACK, REPO, SHARED_JARS, free_ports, make_broker
-from tests.processes import live_processes
+from marvin_faust.testing.kafka import make_broker, shared_jars
+from marvin_faust.testing.ports import LOOPBACK, free_ports
+from marvin_faust.testing.processes import WorkerProcess, live_processes
+from tests.fixtures import REPO
 
 pytestmark = pytest.mark.kafka
 
 BROKER_CLI = [sys.executable, "-m", "marvin_faust.broker"]
-READY_LINE = "[^Worker]: Ready"
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120):
@@ -30,12 +30,18 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120):
     return subprocess.run(
         [*BROKER_CLI, *args],
         cwd=REPO,
-        env={**os.environ, "MARVIN_KAFKA_JARS": str(SHARED_JARS), **(env or {})},
+        env={**os.environ, "MARVIN_KAFKA_JARS": str(shared_jars()), **(env or {})},
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def cli_start(home: Path, port: int, controller_port: int) -> subprocess.CompletedProcess:
+    """``python -m marvin_faust.broker start`` in ``home`` on the two ports."""
+    ports = ["--port", str(port), "--controller-port", str(controller_port)]
+    return cli("start", "--home", str(home), *ports)
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:
@@ -134,9 +140,7 @@ def test_faust_worker_forwards_between_topics(kafka_broker, tmp_path):
     source, sink = unique("faust-in"), unique("faust-out")
     bootstrap = kafka_broker.bootstrap_servers
     asyncio.run(create_topics(bootstrap, source, sink))
-    log_path = tmp_path / "worker.log"
     env = {
-        **os.environ,
         "PYTHONPATH": str(REPO),
         "ROUNDTRIP_BOOTSTRAP": bootstrap,
         "ROUNDTRIP_APP_ID": unique("roundtrip"),
@@ -144,24 +148,18 @@ def test_faust_worker_forwards_between_topics(kafka_broker, tmp_path):
         "ROUNDTRIP_OUT": sink,
         "ROUNDTRIP_DATADIR": str(tmp_path / "faust-data"),
     }
-    command = [sys.executable, "-m", "faust", "-A", "tests.faust_roundtrip_app", "worker"]
-    with log_path.open("w") as log:
-        worker = subprocess.Popen(
-            # no web server: port 6066 may be taken by a worker running beside the tests
-            [*command, "-l", "info", "--without-web"],
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    # Faust's own --datadir and --web-port: the app reads no MARVIN_* setting, and its web server
+    # gets a free port (6066 may be taken by a worker running beside the tests).
+    worker = WorkerProcess(
+        env=env,
+        data_dir=tmp_path / "faust-data",
+        log_path=tmp_path / "worker.log",
+        faust_options=True,
+        app="tests.e2e.faust_roundtrip_app",
+        cwd=REPO,
+    )
     try:
-        deadline = time.monotonic() + 90
-        while READY_LINE not in log_path.read_text(errors="replace"):
-            assert worker.poll() is None, f"worker exited:\n{log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no Ready:\n{log_path.read_text()[-3000:]}"
-            time.sleep(0.2)
+        worker.start(timeout=90)
 
         records = [(b"a", b"first"), (b"b", b"second")]
         asyncio.run(produce(bootstrap, source, records))
@@ -171,16 +169,10 @@ def test_faust_worker_forwards_between_topics(kafka_broker, tmp_path):
             (b"a", b"forwarded:first"),
             (b"b", b"forwarded:second"),
         ]
-        assert worker.poll() is None
+        assert worker.process is not None and worker.process.poll() is None
     finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait()
-    assert "Traceback" not in log_path.read_text(errors="replace")
+        worker.stop()
+    assert "Traceback" not in worker.log_text()
 
 
 # -- The command line: lifecycle and clear errors --------------------------------------------
@@ -198,9 +190,7 @@ def test_cli_start_status_stop_leaves_nothing_behind(tmp_path):
     assert stopped.returncode == 0, stopped
     assert stopped.stdout.strip() == f"stopped (home {home})"
 
-    started = cli(
-        "start", "--home", str(home), "--port", str(port), "--controller-port", str(controller_port)
-    )
+    started = cli_start(home, port, controller_port)
     assert started.returncode == 0, started
     assert f"broker running on {LOOPBACK}:{port} (pid " in started.stdout
     pid = int((home / "broker.pid").read_text())
@@ -239,15 +229,7 @@ def test_cli_refuses_a_second_broker_in_a_running_home(kafka_broker):
     pid = kafka_broker.pid
     other_port, other_controller_port = free_ports(2)
 
-    result = cli(
-        "start",
-        "--home",
-        str(home),
-        "--port",
-        str(other_port),
-        "--controller-port",
-        str(other_controller_port),
-    )
+    result = cli_start(home, other_port, other_controller_port)
 
     line = one_error_line(result)
     assert f"already running on {kafka_broker.bootstrap_servers} (pid {pid})" in line
@@ -265,15 +247,7 @@ def test_cli_refuses_a_taken_port(tmp_path, role):
     with socket.socket() as squatter:
         squatter.bind((LOOPBACK, taken))
         squatter.listen()
-        result = cli(
-            "start",
-            "--home",
-            str(home),
-            "--port",
-            str(port),
-            "--controller-port",
-            str(controller_port),
-        )
+        result = cli_start(home, port, controller_port)
 
     line = one_error_line(result)
     assert f"port {taken} on {LOOPBACK} (the {role} port) is already in use" in line

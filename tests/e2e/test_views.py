@@ -2,43 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.error
-import urllib.request
 import uuid
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.test_worker_e2e import ask
+from marvin_faust.testing.kafka import ask
+from marvin_faust.testing.web import counter, get
 
 pytestmark = pytest.mark.kafka
-
-
-def get(url: str, token: str | None = None) -> tuple[int, dict | str]:
-    request = urllib.request.Request(url)
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            status, body = response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        status, body = exc.code, exc.read().decode()
-    try:
-        return status, json.loads(body)
-    except json.JSONDecodeError:
-        return status, body
-
-
-def counter(worker_url: str, name: str, **labels: str) -> float:
-    status, text = get(f"{worker_url}/metrics")
-    assert status == 200
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
 
 
 def wait_ready(worker_url: str, timeout: float = 60.0) -> dict:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from marvin_faust.settings import ENV_PREFIX, Settings, settings_markdown
+from tests.fixtures import REPO as ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 # Read by the local broker (marvin_faust/broker), not by Settings.

@@ -1,7 +1,7 @@
 """The reliability promise under crashes, restarts, rebalances and bad input (real processes).
 
 Each scenario prints its figures (sent, replies, duplicates, lost, dead-lettered, restarts, time
-to resume) and asserts the promise with the verifier in tests/verifier.py.
+to resume) and asserts the promise with the verifier (``marvin_faust.testing.verifier``).
 """
 
 from __future__ import annotations
@@ -18,14 +18,21 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from marvin_faust.conversation import make_turn
-from tests.kafka_fixtures import make_broker
-from tests.traffic import ChatProducer
-from tests.verifier import Sent, human_message, replies_by_message, verify
-from tests.worker_fixtures import (
+from marvin_faust.testing.kafka import (
+    bootstrap_of,
     changelog_topic,
+    make_broker,
     one_conversation_per_partition,
     run,
     wire_value,
+)
+from marvin_faust.testing.traffic import ChatProducer
+from marvin_faust.testing.verifier import (
+    Sent,
+    conversation_messages,
+    human_message,
+    replies_by_message,
+    verify,
 )
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -33,20 +40,11 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(900)]
 STANDIN = {"MARVIN_STANDIN_LATENCY": "0.02", "MARVIN_PARTITIONS": "4"}
 
 
-def conversation_messages(conversations: int, per_conversation: int) -> list[Sent]:
-    cids = [str(uuid.uuid4()) for _ in range(conversations)]
-    return [
-        human_message(cid, f"message {i} of {cid[:8]}")
-        for i in range(per_conversation)
-        for cid in cids
-    ]
-
-
 def send(env: dict, messages: list[Sent], family: str = "aiokafka") -> None:
-    """Send ``messages`` with a producer of ``family`` (tests/traffic.py)."""
+    """Send ``messages`` with a producer of ``family`` (``marvin_faust.testing.traffic``)."""
 
     async def send_all() -> None:
-        bootstrap = env["MARVIN_BROKER"].removeprefix("kafka://")
+        bootstrap = bootstrap_of(env)
         async with ChatProducer(family, bootstrap, env["MARVIN_TOPIC"]) as producer:
             await producer.send(messages)
 
@@ -55,7 +53,7 @@ def send(env: dict, messages: list[Sent], family: str = "aiokafka") -> None:
 
 def wait_answered(env: dict, messages: list[Sent], timeout: float = 240.0) -> float:
     """Seconds until every valid message has a reply (fails after ``timeout``)."""
-    bootstrap = env["MARVIN_BROKER"].removeprefix("kafka://")
+    bootstrap = bootstrap_of(env)
     wanted = {m.message_id for m in messages if m.valid}
     started = time.monotonic()
     while True:
@@ -75,7 +73,7 @@ def wait_answered(env: dict, messages: list[Sent], timeout: float = 240.0) -> fl
 def check(
     env: dict, messages: list[Sent], label: str, *, duplicates_allowed: bool = False, **figures
 ) -> None:
-    bootstrap = env["MARVIN_BROKER"].removeprefix("kafka://")
+    bootstrap = bootstrap_of(env)
     report = run(verify(bootstrap, env, messages))
     extra = ", ".join(f"{k} {v}" for k, v in figures.items())
     print(f"\n[{label}] {report.summary()}; {extra}")
@@ -178,7 +176,7 @@ def test_local_state_deleted_while_down_is_rebuilt_identically(start_worker, wor
     second = [human_message(cid, "after the wipe") for cid in {m.cid for m in first}]
     send(env, second)
     wait_answered(env, second)
-    bootstrap = env["MARVIN_BROKER"].removeprefix("kafka://")
+    bootstrap = bootstrap_of(env)
     replies = run(replies_by_message(bootstrap, env["MARVIN_TOPIC"]))
     for m in second:
         [reply] = replies[m.message_id]
@@ -221,7 +219,7 @@ def test_waiting_messages_on_never_committed_partitions_survive_recovery(
     """
     env = {**worker_env, **STANDIN}
     start_worker(**STANDIN).stop()  # creates the topics; commits nothing
-    bootstrap = env["MARVIN_BROKER"].removeprefix("kafka://")
+    bootstrap = bootstrap_of(env)
     cids = one_conversation_per_partition(int(STANDIN["MARVIN_PARTITIONS"]))
     stored = {
         cid: [
@@ -386,7 +384,7 @@ def test_a_rebalance_while_answers_wait_for_their_commit(start_worker, worker_en
     start_worker(**slow_commits).stop()  # joins (a rebalance), then leaves (another)
     if fix_6 == "off":
         time.sleep(40)  # past a timed commit: whatever was going to be answered is
-        bootstrap = env["MARVIN_BROKER"].removeprefix("kafka://")
+        bootstrap = bootstrap_of(env)
         report = run(verify(bootstrap, env, messages))
         print(f"\n[rebalance before the commit, fix 6 off] {report.summary()}")
         assert report.lost or report.duplicates, "fix 6's bug did not show without it"

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +20,9 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from tests.kafka_fixtures import free_ports
+from marvin_faust.testing.ports import free_ports
+from marvin_faust.testing.processes import MARVIN
+from tests.fixtures import REPO
 
 pytestmark = pytest.mark.kafka
 
@@ -36,8 +37,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-MARVIN = str(Path(sys.executable).parent / "marvin-faust")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARTIFACTS = REPO / "test-artifacts"
 GREETING = "Hello, my name is Marvin. What do you want?"
 WAIT_MS = 120_000  # any one step in the browser: the machine is shared and slow
 INJECTION = '<img src=x onerror="window.__pwned = true">'

@@ -10,29 +10,22 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import pexpect
 import pytest
 
-from tests.kafka_fixtures import free_ports
+from marvin_faust.testing.ports import free_ports
+from marvin_faust.testing.processes import MARVIN, cli_env, say
 
 pytestmark = pytest.mark.kafka
 
-MARVIN = str(Path(sys.executable).parent / "marvin-faust")
 GREETING = "Hello, my name is Marvin. What do you want?"
 WAIT = 120  # seconds for any one step: the machine is shared and slow
 PROMPT = "You: "
 CONVERSATION_LINE = re.compile(r"\[conversation ([0-9a-f-]{36})\]")
-
-
-def cli_env(worker_env: dict[str, str], **extra: str) -> dict[str, str]:
-    return {**os.environ, **worker_env, **extra}
 
 
 def spawn_chat(env: dict[str, str], *args: str) -> pexpect.spawn:
@@ -63,17 +56,6 @@ def exit_status(child: pexpect.spawn) -> int | None:
     child.expect(pexpect.EOF)
     child.close()
     return child.exitstatus
-
-
-def say(env: dict[str, str], *args: str, timeout: float = WAIT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [MARVIN, "say", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout + 60,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def test_chat_new_conversation_quit_then_resume_and_ctrl_d(start_worker, worker_env):

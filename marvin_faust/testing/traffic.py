@@ -5,6 +5,8 @@
   front end): ``consistent_random``, CRC32 keys.
 
 Replies are read ``read_committed``, as a front end must (an aborted attempt is no reply).
+
+confluent-kafka (in the ``test`` extra) is imported only when a ``librdkafka`` producer starts.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from confluent_kafka import KafkaException
-from confluent_kafka import Producer as LibrdkafkaProducer
 
-from tests.verifier import Sent
+from .verifier import Sent
+
+if TYPE_CHECKING:
+    from confluent_kafka import Producer as LibrdkafkaProducer
 
 FAMILIES = ("aiokafka", "librdkafka")
 # The worker setting that routes views as each family places keys.
@@ -43,6 +47,8 @@ class ChatProducer:
             self._aiokafka = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
             await self._aiokafka.start()
         else:  # every librdkafka default, as a Quix Streams or confluent-kafka app has them
+            from confluent_kafka import Producer as LibrdkafkaProducer
+
             self._librdkafka = LibrdkafkaProducer({"bootstrap.servers": self.bootstrap})
         return self
 
@@ -88,6 +94,8 @@ class ChatProducer:
             self._librdkafka.poll(0)
         left = await asyncio.to_thread(self._librdkafka.flush, 30)
         if errors or left:
+            from confluent_kafka import KafkaException
+
             raise KafkaException(f"{len(errors)} failed, {left} undelivered: {errors[:3]}")
 
 

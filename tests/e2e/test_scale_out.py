@@ -11,8 +11,8 @@ import uuid
 
 import pytest
 
-from tests.test_views_e2e import counter, get
-from tests.worker_fixtures import consume, produce, run, wire_value
+from marvin_faust.testing.kafka import bootstrap_of, consume, produce, run, wire_value
+from marvin_faust.testing.web import counter, get
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -24,7 +24,7 @@ class Conversations:
     """20 conversations on the chat topic: what was sent, and the replies read back."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        self.bootstrap = env["MARVIN_BROKER"].removeprefix("kafka://")
+        self.bootstrap = bootstrap_of(env)
         self.topic = env["MARVIN_TOPIC"]
         self.ids = [str(uuid.uuid4()) for _ in range(CONVERSATIONS)]
         self.sent: dict[str, list[tuple[str, str]]] = {cid: [] for cid in self.ids}  # (id, text)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer
 
-from tests.worker_fixtures import changelog_topic, wire_value
+from .kafka import changelog_topic, wire_value
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,17 @@ class Report:
 
 def human_message(cid: str, text: str) -> Sent:
     return Sent(cid, str(uuid.uuid4()), wire_value(cid, text), valid=True)
+
+
+def conversation_messages(conversations: int, per_conversation: int) -> list[Sent]:
+    """``per_conversation`` messages in each of ``conversations`` new conversations, round
+    robin over them: their turns interleave, as many people's do."""
+    cids = [str(uuid.uuid4()) for _ in range(conversations)]
+    return [
+        human_message(cid, f"message {i} of {cid[:8]}")
+        for i in range(per_conversation)
+        for cid in cids
+    ]
 
 
 async def read_all(bootstrap: str, topic: str, idle: float = 2.0) -> list:

@@ -1,6 +1,6 @@
-"""A minimal Faust app for tests/test_broker.py: an agent forwards topic IN to topic OUT.
+"""A minimal Faust app for tests/e2e/test_broker.py: an agent forwards topic IN to topic OUT.
 
-Run as ``python -m faust -A tests.faust_roundtrip_app worker``, configured by the environment:
+Run as ``faust -A tests.e2e.faust_roundtrip_app worker``, configured by the environment:
 ROUNDTRIP_BOOTSTRAP, ROUNDTRIP_APP_ID, ROUNDTRIP_IN, ROUNDTRIP_OUT, ROUNDTRIP_DATADIR.
 """
 

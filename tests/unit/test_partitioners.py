@@ -1,0 +1,46 @@
+"""Where each client family puts a key: the partitioners against aiokafka's own and CRC32.
+
+The real clients on a real broker are in ``tests/e2e/test_partitioners.py``.
+"""
+
+from __future__ import annotations
+
+import uuid
+import zlib
+
+import pytest
+from aiokafka.partitioner import DefaultPartitioner
+
+from marvin_faust.partitioners import crc32_partitioner, murmur2_partitioner
+
+PARTITIONS = [0, 1, 2, 3]
+KEYS = [str(uuid.UUID(int=i * 7919)).encode() for i in range(200)] + [b"a", b"conversation"]
+
+
+def test_murmur2_is_aiokafkas_default():
+    aiokafka = DefaultPartitioner()
+    for key in KEYS:
+        assert murmur2_partitioner(key, PARTITIONS, PARTITIONS) == aiokafka(
+            key, PARTITIONS, PARTITIONS
+        )
+
+
+def test_crc32_is_the_keys_crc32_modulo_the_partition_count():
+    for key in KEYS:
+        assert crc32_partitioner(key, PARTITIONS, PARTITIONS) == zlib.crc32(key) % 4
+    # The two disagree often: that is what made a librdkafka front end stall the worker.
+    differ = sum(
+        crc32_partitioner(k, PARTITIONS, PARTITIONS)
+        != murmur2_partitioner(k, PARTITIONS, PARTITIONS)
+        for k in KEYS
+    )
+    assert differ > len(KEYS) // 2
+
+
+@pytest.mark.parametrize(
+    ("partitioner", "key"),
+    [(crc32_partitioner, None), (crc32_partitioner, b""), (murmur2_partitioner, None)],
+)
+def test_a_missing_key_goes_to_a_random_available_partition(partitioner, key):
+    chosen = {partitioner(key, PARTITIONS, [2, 3]) for _ in range(50)}
+    assert chosen == {2, 3}
