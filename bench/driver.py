@@ -23,9 +23,9 @@ from marvin_faust.models import (
     make_message,
     new_message_id,
 )
+from marvin_faust.testing.traffic import FAMILIES
 
 TOPIC_WAIT_SECONDS = 60.0
-FAMILIES = ("aiokafka", "librdkafka")
 
 
 @dataclass(frozen=True)
