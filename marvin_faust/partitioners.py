@@ -19,23 +19,14 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import Literal
 
-from aiokafka.partitioner import murmur2
+from aiokafka.partitioner import DefaultPartitioner
 
 Partitioner = Callable[[bytes | None, Sequence[int], Sequence[int]], int]
 PartitionerName = Literal["murmur2", "crc32"]
 
 
-def _random_partition(all_partitions: Sequence[int], available: Sequence[int]) -> int:
-    return random.choice(list(available) or list(all_partitions))
-
-
-def murmur2_partitioner(
-    key: bytes | None, all_partitions: Sequence[int], available: Sequence[int]
-) -> int:
-    """The Java client's and aiokafka's default: murmur2 of the key, a random one without."""
-    if key is None:
-        return _random_partition(all_partitions, available)
-    return sorted(all_partitions)[(murmur2(key) & 0x7FFFFFFF) % len(all_partitions)]
+# aiokafka's own: the partitioner Faust uses unless told otherwise.
+murmur2_partitioner: Partitioner = DefaultPartitioner()
 
 
 def crc32_partitioner(
@@ -43,7 +34,7 @@ def crc32_partitioner(
 ) -> int:
     """librdkafka's ``consistent_random``: CRC32 of a non-empty key, a random one without."""
     if not key:
-        return _random_partition(all_partitions, available)
+        return random.choice(list(available) or list(all_partitions))
     return sorted(all_partitions)[zlib.crc32(key) % len(all_partitions)]
 
 

@@ -1,4 +1,4 @@
-"""Where each client family puts a key: the partitioners against aiokafka's own and CRC32.
+"""Where each client family puts a key: murmur2 against the Java client's hash, and CRC32.
 
 The real clients on a real broker are in ``tests/e2e/test_partitioners.py``.
 """
@@ -9,7 +9,6 @@ import uuid
 import zlib
 
 import pytest
-from aiokafka.partitioner import DefaultPartitioner
 
 from marvin_faust.partitioners import crc32_partitioner, murmur2_partitioner
 
@@ -17,12 +16,21 @@ PARTITIONS = [0, 1, 2, 3]
 KEYS = [str(uuid.UUID(int=i * 7919)).encode() for i in range(200)] + [b"a", b"conversation"]
 
 
-def test_murmur2_is_aiokafkas_default():
-    aiokafka = DefaultPartitioner()
-    for key in KEYS:
-        assert murmur2_partitioner(key, PARTITIONS, PARTITIONS) == aiokafka(
-            key, PARTITIONS, PARTITIONS
-        )
+# murmur2 of a key as the Java client computes it (signed 32 bits), from Kafka's UtilsTest.
+JAVA_MURMUR2 = {
+    b"21": -973932308,
+    b"foobar": -790332482,
+    b"a-little-bit-long-string": -985981536,
+    b"a-little-bit-longer-string": -1486304829,
+    b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
+    b"abc": 479470107,
+}
+
+
+def test_murmur2_places_keys_as_the_java_client_does():
+    for key, java_hash in JAVA_MURMUR2.items():
+        # The Java client: toPositive(murmur2(key)) % numPartitions.
+        assert murmur2_partitioner(key, PARTITIONS, PARTITIONS) == (java_hash & 0x7FFFFFFF) % 4
 
 
 def test_crc32_is_the_keys_crc32_modulo_the_partition_count():
