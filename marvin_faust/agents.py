@@ -5,7 +5,9 @@ Per message, in order:
 1. validate the raw bytes (bad -> dead-letter topic with the original bytes and the reason);
 2. drop the bot's own messages, except an opening greeting, stored as the first AI turn;
 3. skip a message id already in the history (a redelivery);
-4. trim the history to the token budget, build the prompt, ask the model in a worker thread;
+4. trim the history to the token budget, build the prompt, ask the model in a worker thread,
+   streaming its text to the stream topic as it comes (``marvin_faust.streaming``, outside the
+   transaction: a preview, ended with a finish reason whatever happens);
 5. send the reply, same key, to the partition the message came from, and assign the new
    history (human turn + AI turn): under exactly_once both commit with the message's offset in
    one transaction; under at_least_once the reply is delivered before the history that marks
@@ -19,6 +21,7 @@ running.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from enum import StrEnum
@@ -33,7 +36,7 @@ from .conversation import (
     history_window,
     make_turn,
 )
-from .llm import ModelError
+from .llm import Generation, ModelError, ModelTimeout
 from .models import (
     IN_REPLY_TO_HEADER,
     MESSAGE_ID_HEADER,
@@ -45,6 +48,7 @@ from .models import (
     new_message_id,
     parse_chat_message,
 )
+from .streaming import FinishReason, ReplyStream
 
 if TYPE_CHECKING:
     from .app import MarvinApp
@@ -73,7 +77,7 @@ def declare_agent(app: MarvinApp) -> AgentT:
     async def answer(stream: Any) -> AsyncIterator[Outcome]:
         # Faust may start the agent before the model has loaded: let the stream buffer.
         await app.backend.wait_until_loaded()
-        replies_on_source_partition = await answerer.reply_partitions_match()
+        await answerer.prepare()
         # Yielding the outcome lets agent.test_context() wait until a message is handled.
         async for event in stream.events():
             message = event.message
@@ -82,7 +86,7 @@ def declare_agent(app: MarvinApp) -> AgentT:
                 message.value,
                 message.headers,
                 source=_source(message),
-                reply_partition=message.partition if replies_on_source_partition else None,
+                partition=message.partition,
             )
             app.metrics.messages.labels(outcome=outcome.value).inc()
             yield outcome
@@ -103,25 +107,32 @@ class Answerer:
         self.history = app.history
         self.metrics = app.metrics
         self.barrier = app.commit_barrier
+        self.streams = app.stream_publisher
+        # Whether replies and stream chunks go to their message's partition (see prepare).
+        self.replies_on_source = True
+        self.stream_on_source = True
 
-    async def reply_partitions_match(self) -> bool:
-        """Whether a reply can go to its message's partition: the reply topic is the chat
-        topic, or has as many partitions. Then a conversation stays on one partition, in order,
-        whichever partitioner its front end used; otherwise replies are keyed with
-        ``MARVIN_PARTITIONER``."""
-        chat_topic, reply_topic = self.topics.chat, self.topics.replies
-        if reply_topic is chat_topic:
-            return True
+    async def prepare(self) -> None:
+        """Declare the topics the agent writes, and decide where replies and chunks go: to
+        their message's partition when their topic is the chat topic or has as many
+        partitions. Then a conversation stays on one partition, in order, whichever
+        partitioner its front end used; otherwise they are keyed with ``MARVIN_PARTITIONER``."""
+        if self.topics.replies is not self.topics.chat:
+            self.replies_on_source = await self._partitions_match(self.topics.replies)
+        if self.topics.stream is not None:
+            self.stream_on_source = await self._partitions_match(self.topics.stream)
+
+    async def _partitions_match(self, topic: Any) -> bool:
         # Asking for a missing topic's partitions would create it with the broker's defaults,
         # and the agent can get here before Faust has declared its topics.
-        for topic in (chat_topic, reply_topic):
-            await topic.maybe_declare()
+        for declared in (self.topics.chat, topic):
+            await declared.maybe_declare()
         producer = self.app.producer._ensure_producer()  # Faust offers no public call for this
-        chat, replies = [
-            await producer.partitions_for(topic.get_topic_name())
-            for topic in (chat_topic, reply_topic)
+        chat, other = [
+            await producer.partitions_for(declared.get_topic_name())
+            for declared in (self.topics.chat, topic)
         ]
-        return len(chat) == len(replies)
+        return len(chat) == len(other)
 
     async def handle(
         self,
@@ -130,8 +141,9 @@ class Answerer:
         headers: Any,
         *,
         source: str,
-        reply_partition: int | None = None,
+        partition: int | None = None,
     ) -> Outcome:
+        """Answer, store or dead-letter one record read from ``partition`` of the chat topic."""
         settings = self.settings
         try:
             chat = parse_chat_message(value, max_text_chars=settings.max_text_chars)
@@ -141,9 +153,7 @@ class Answerer:
                 return await self.record_greeting(chat, header_value(headers, MESSAGE_ID_HEADER))
             if chat.role != settings.human_role:
                 raise BadMessage(f"unknown role {chat.role!r}")
-            return await self.reply_to(
-                chat, header_value(headers, MESSAGE_ID_HEADER), reply_partition
-            )
+            return await self.reply_to(chat, header_value(headers, MESSAGE_ID_HEADER), partition)
         except BadMessage as exc:
             cause, reason = "bad-message", f"bad message: {exc}"
         except ModelError as exc:
@@ -177,10 +187,10 @@ class Answerer:
             past, settings.history_token_budget, self.backend.count_tokens, settings.ai_role
         )
         prompt = build_prompt(settings.persona, window, chat.text)
-        generation = await self.backend.generate(prompt, timeout=settings.model_timeout)
+        reply_id = new_message_id()
+        generation = await self.generate(prompt, cid, message_id, reply_id, partition)
         self.metrics.observe_generation(generation)
         reply = make_message(cid, settings.ai_role, generation.text or EMPTY_REPLY)
-        reply_id = new_message_id()
         headers = [(MESSAGE_ID_HEADER, reply_id.encode())]
         if message_id:
             headers.append((IN_REPLY_TO_HEADER, message_id.encode()))
@@ -190,7 +200,10 @@ class Answerer:
         async with self.barrier.writes_of_one_event():
             await self.delivered(
                 self.topics.replies.send(
-                    key=cid.encode(), value=reply.to_bytes(), headers=headers, partition=partition
+                    key=cid.encode(),
+                    value=reply.to_bytes(),
+                    headers=headers,
+                    partition=partition if self.replies_on_source else None,
                 )
             )
             self.history[cid] = append_turns(
@@ -209,6 +222,41 @@ class Answerer:
             generation.tokens_per_second,
         )
         return Outcome.ANSWERED
+
+    async def generate(
+        self,
+        prompt: Any,
+        conversation_id: str,
+        message_id: str | None,
+        reply_id: str,
+        partition: int | None,
+    ) -> Generation:
+        """Ask the model; with streaming on, its text goes to the stream topic as it comes
+        (stream id = the reply's id), and the stream ends with why it ended, whatever happens."""
+        timeout = self.settings.model_timeout
+        if self.streams is None:
+            return await self.backend.generate(prompt, timeout=timeout)
+        stream: ReplyStream = self.streams.open(
+            conversation_id,
+            in_reply_to=message_id,
+            stream_id=reply_id,
+            partition=partition if self.stream_on_source else None,
+        )
+        try:
+            generation = await self.backend.generate(prompt, timeout=timeout, on_token=stream.push)
+        except ModelTimeout:
+            await stream.finish(FinishReason.TIMEOUT)
+            raise
+        except Exception:
+            await stream.finish(FinishReason.ERROR)
+            raise
+        except asyncio.CancelledError:
+            # The worker is stopping: the message goes to the next owner of its partition,
+            # which streams it anew. Saying "error" here would be wrong.
+            stream.abandon()
+            raise
+        await stream.finish(FinishReason(generation.finish_reason))
+        return generation
 
     async def dead_letter(
         self, key: bytes | None, value: bytes | None, headers: Any, reason: str, source: str

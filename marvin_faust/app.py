@@ -29,6 +29,7 @@ from .metrics import Metrics
 from .partitioners import partitioner_named
 from .security import CredentialsCheck, broker_credentials
 from .settings import Settings, SettingsError, load_settings
+from .streaming import StreamPublisher
 from .tables import HistoryTable, declare_history
 from .topics import Topics, declare_topics
 from .transactions import CommitBarrier
@@ -75,7 +76,8 @@ def discard_unclean_state(tabledir: Path) -> bool:
 class MarvinApp(faust.App):
     """faust.App on the fixed transport (``faust_fixes``) that only trusts local table state
     left by a clean shutdown. Its parts: ``settings``, ``backend``, ``chat_topics``, ``history``,
-    ``answer`` (the agent), ``metrics``, ``commit_barrier``."""
+    ``answer`` (the agent), ``metrics``, ``commit_barrier``, ``stream_publisher`` (None when
+    streaming is off)."""
 
     chat_topics: Topics
     history: HistoryTable
@@ -86,6 +88,8 @@ class MarvinApp(faust.App):
         self.backend = backend
         self.metrics = Metrics()
         self.commit_barrier = CommitBarrier()
+        topic = settings.streams_to
+        self.stream_publisher = StreamPublisher(settings, topic) if topic else None
         super().__init__(settings.app_id, **faust_options(settings))
 
     def _new_transport(self) -> faust_fixes.Transport:
@@ -203,6 +207,8 @@ def create_app(settings: Settings, backend: ChatBackend | None = None) -> Marvin
     # Started before Faust's own Kafka clients: rejected credentials stop the start with one line.
     app.add_dependency(CredentialsCheck(settings))
     app.add_dependency(ModelLoader(app.backend))
+    if app.stream_publisher is not None:
+        app.add_dependency(app.stream_publisher)
     # Faust's own sensor metrics and ours, in one registry served at /metrics.
     setup_prometheus_sensors(
         app, pattern="/metrics", registry=app.metrics.registry, name_prefix="faust"

@@ -7,8 +7,9 @@ producers need none of this code, only the wire format in ``models``.
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -28,10 +29,20 @@ from .models import (
 from .partitioners import partitioner_named
 from .security import aiokafka_options, credentials_problem
 from .settings import Settings
+from .streaming import FinishReason, StreamChunk, parse_stream_chunk
 
 TOPIC_WAIT_SECONDS = 10.0
+# How soon a stream topic created after the client started is seen (aiokafka's default: 5 min).
+METADATA_MAX_AGE_MS = 10_000
 # Own message ids remembered to skip their echoes on the reply topic (the greeting is an AI record).
 SENT_IDS_KEPT = 1000
+
+
+# Streams that end with no reply to follow, and what to tell the person.
+UNANSWERED = {
+    FinishReason.ERROR: "the model failed",
+    FinishReason.TIMEOUT: "the model timed out",
+}
 
 
 class ChatClientError(Exception):
@@ -54,10 +65,15 @@ class ChatClient:
     positioned at the end before anything is sent, so it sees every reply that follows and no
     other client's offsets move. It reads committed records only: the worker answers inside a
     Kafka transaction (exactly_once), and an aborted attempt must not count as a reply.
+
+    With ``stream=True`` it also reads the stream topic (``MARVIN_STREAM_TOPIC``), whose
+    chunks are outside any transaction and so visible at once; a stream topic that does not
+    exist yet (no worker has started with streaming) is picked up when it appears.
     """
 
-    def __init__(self, settings: Settings, *, listen: bool = True) -> None:
+    def __init__(self, settings: Settings, *, listen: bool = True, stream: bool = False) -> None:
         self.settings = settings
+        self.stream_topic = settings.streams_to if listen and stream else None
         self._sent: dict[str, None] = {}  # insertion-ordered set of our own message ids
         security = aiokafka_options(settings)
         self._producer = AIOKafkaProducer(
@@ -76,6 +92,7 @@ class ChatClient:
                 auto_offset_reset="latest",
                 # the worker replies inside Kafka transactions: never show an aborted one
                 isolation_level="read_committed",
+                metadata_max_age_ms=METADATA_MAX_AGE_MS,
                 **security,
             )
             if listen
@@ -122,13 +139,15 @@ class ChatClient:
                     f"topic {topic!r} does not exist: is a marvin-faust worker running?"
                 )
             await asyncio.sleep(0.2)
-        # With no group, a subscription is assigned every partition of the topic.
-        self._consumer.subscribe([topic])
-        while not (assigned := self._consumer.assignment()):
+        # With no group, a subscription is assigned every partition of the topic; a pattern
+        # also takes the stream topic once it exists, without creating it.
+        names = [topic] if self.stream_topic is None else [topic, self.stream_topic]
+        self._consumer.subscribe(pattern="^(" + "|".join(map(re.escape, names)) + ")$")
+        while not any(tp.topic == topic for tp in self._consumer.assignment()):
             if loop.time() > deadline:
                 raise ChatClientError(f"no partitions of topic {topic!r} could be assigned")
             await asyncio.sleep(0.1)
-        for tp in assigned:  # fix the positions now, so no reply sent after this is missed
+        for tp in self._consumer.assignment():  # fix the positions now: nothing later is missed
             await self._consumer.position(tp)
 
     async def send(self, message: ChatMessage) -> str:
@@ -161,14 +180,32 @@ class ChatClient:
         message = make_message(conversation_id, self.settings.human_role, text)
         return message, await self.send(message)
 
-    async def ask(self, conversation_id: str, text: str, timeout: float) -> ChatMessage:
-        """Send a human message and wait for the AI record that answers it."""
+    async def ask(
+        self,
+        conversation_id: str,
+        text: str,
+        timeout: float,
+        on_chunk: Callable[[StreamChunk], None] | None = None,
+    ) -> ChatMessage:
+        """Send a human message and wait for the AI record that answers it; meanwhile pass
+        every stream chunk of that answer to ``on_chunk`` (with ``stream=True``). A stream
+        that ends in ``error`` or ``timeout`` means no reply will come: that raises at once."""
         message, message_id = await self.post(conversation_id, text)
         try:
             async with asyncio.timeout(timeout):
-                async for reply in self.replies():
-                    if answers(reply, message, message_id):
-                        return reply.message
+                async for event in self.events():
+                    if isinstance(event, StreamChunk):
+                        if event.in_reply_to != message_id:
+                            continue
+                        if on_chunk is not None:
+                            on_chunk(event)
+                        if event.done and event.finish_reason in UNANSWERED:
+                            raise ChatClientError(
+                                f"Marvin could not answer ({UNANSWERED[event.finish_reason]}); "
+                                "the message went to the dead-letter topic"
+                            )
+                    elif answers(event, message, message_id):
+                        return event.message
         except TimeoutError:
             raise ChatClientError(f"no reply from Marvin within {timeout:g}s") from None
         raise ChatClientError("the reply consumer stopped")
@@ -176,8 +213,22 @@ class ChatClient:
     async def replies(self) -> AsyncIterator[Reply]:
         """Every AI record on the reply topic from the listening position on, except our own
         (the greetings this client sent). Records that are not chat messages are skipped."""
+        async for event in self.events():
+            if isinstance(event, Reply):
+                yield event
+
+    async def events(self) -> AsyncIterator[Reply | StreamChunk]:
+        """:meth:`replies`, and with ``stream=True`` the stream chunks between them, in the
+        order they arrive. Records that are neither are skipped."""
         assert self._consumer is not None, "ChatClient(listen=False) cannot wait for replies"
         async for record in self._consumer:
+            if record.topic == self.stream_topic:
+                try:
+                    chunk = parse_stream_chunk(record.value)
+                except BadMessage:
+                    continue
+                yield chunk
+                continue
             try:
                 message = parse_chat_message(record.value, max_text_chars=sys.maxsize)
             except BadMessage:

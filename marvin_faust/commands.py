@@ -4,13 +4,12 @@ Kafka) and ``broker`` (the local development broker)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TextIO
 
 import click
 import faust
@@ -19,6 +18,7 @@ from faust.cli.faust import cli as faust_cli
 
 from . import broker
 from .client import ChatClient, ChatClientError
+from .streaming import StreamChunk, printable
 from .webchat import serve as serve_webchat
 
 REPLY_TIMEOUT = 300.0
@@ -57,26 +57,77 @@ def quiet_kafka_logs() -> None:
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
-@contextlib.asynccontextmanager
-async def spinner(label: str) -> AsyncIterator[None]:
-    """A spinner on stderr while waiting, only when stderr is a terminal."""
-    if not sys.stderr.isatty():
-        yield
-        return
+class Spinner:
+    """A spinner on stderr while waiting, only when stderr is a terminal; :meth:`stop` is
+    idempotent, so the first streamed token can end it."""
 
-    async def spin() -> None:
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Spinner:
+        if sys.stderr.isatty():
+            self._task = asyncio.create_task(self._spin())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    async def _spin(self) -> None:
         for frame in itertools.cycle("|/-\\"):
-            sys.stderr.write(f"\r{frame} {label}")
+            sys.stderr.write(f"\r{frame} {self.label}")
             sys.stderr.flush()
             await asyncio.sleep(0.1)
 
-    task = asyncio.create_task(spin())
-    try:
-        yield
-    finally:
-        task.cancel()
-        sys.stderr.write("\r" + " " * (len(label) + 2) + "\r")
-        sys.stderr.flush()
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+            sys.stderr.write("\r" + " " * (len(self.label) + 2) + "\r")
+            sys.stderr.flush()
+
+
+class LiveReply:
+    """One reply in a terminal as it streams: ``prefix`` and the text as it comes, a restarted
+    stream (a worker crashed mid-reply) as such, then the final reply, the record of truth, in
+    full only where it differs from what was shown. Model text is printed with no control
+    characters (no escape sequences reach the terminal)."""
+
+    def __init__(
+        self, prefix: str, out: TextIO, on_first: Callable[[], None] | None = None
+    ) -> None:
+        self.prefix = prefix
+        self.out = out
+        self.on_first = on_first
+        self.stream_id: str | None = None
+        self.shown = ""
+
+    def chunk(self, chunk: StreamChunk) -> None:
+        if chunk.stream_id != self.stream_id:
+            if self.stream_id is None and self.on_first is not None:
+                self.on_first()
+            if self.stream_id is not None:
+                self._write("\n[the reply restarted]\n")
+            self.stream_id, self.shown = chunk.stream_id, ""
+            self._write(self.prefix)
+        text = printable(chunk.delta)
+        if not self.shown:
+            text = text.lstrip()  # the final reply is stripped too
+        self.shown += text
+        self._write(text)
+
+    def final(self, text: str) -> None:
+        text = printable(text)
+        if self.stream_id is None:
+            self._write(f"{self.prefix}{text}\n")
+        elif self.shown.rstrip() == text:
+            self._write("\n")
+        else:
+            self._write(f"\n{self.prefix}{text}\n")
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
 
 
 @command(
@@ -115,7 +166,7 @@ async def chat(self: AppCommand, conversation_id: str | None, timeout: float) ->
     """
     quiet_kafka_logs()
     try:
-        async with ChatClient(self.app.settings) as client:
+        async with ChatClient(self.app.settings, stream=True) as client:
             if conversation_id is None:
                 greeting = await client.greet()
                 conversation_id = greeting.conversation_id
@@ -129,9 +180,10 @@ async def chat(self: AppCommand, conversation_id: str | None, timeout: float) ->
                     break
                 if not line.strip():
                     continue
-                async with spinner("Marvin is thinking..."):
-                    reply = await client.ask(conversation_id, line, timeout)
-                click.echo(f"Marvin: {reply.text}")
+                async with Spinner("Marvin is thinking...") as spinner:
+                    live = LiveReply("Marvin: ", sys.stdout, on_first=spinner.stop)
+                    reply = await client.ask(conversation_id, line, timeout, on_chunk=live.chunk)
+                live.final(reply.text)
     except ChatClientError as exc:
         fail(str(exc))
 
@@ -155,18 +207,32 @@ def read_line(prompt: str) -> str | None:
         help="Seconds to wait for the reply.",
     ),
     option("--json", "as_json", is_flag=True, help="Print the reply record as JSON."),
+    option("--stream", is_flag=True, help="Print the reply as it is written, token by token."),
 )
 async def say(
-    self: AppCommand, conversation_id: str, text: str, timeout: float, as_json: bool
+    self: AppCommand,
+    conversation_id: str,
+    text: str,
+    timeout: float,
+    as_json: bool,
+    stream: bool,
 ) -> None:
     """Send one message to a conversation and print Marvin's reply (for scripts)."""
+    if as_json and stream:
+        fail("--json and --stream exclude each other: a record is printed whole")
     quiet_kafka_logs()
+    live = LiveReply("", sys.stdout)
     try:
-        async with ChatClient(self.app.settings) as client:
-            reply = await client.ask(conversation_id, text, timeout)
+        async with ChatClient(self.app.settings, stream=stream) as client:
+            reply = await client.ask(conversation_id, text, timeout, on_chunk=live.chunk)
     except ChatClientError as exc:
+        if live.stream_id is not None:
+            sys.stdout.write("\n")
         fail(str(exc))
-    click.echo(json.dumps(reply.asdict(), ensure_ascii=False) if as_json else reply.text)
+    if as_json:
+        click.echo(json.dumps(reply.asdict(), ensure_ascii=False))
+    else:
+        live.final(reply.text)
 
 
 @command(

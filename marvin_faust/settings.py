@@ -52,6 +52,21 @@ class Settings(BaseSettings):
     dead_letter_topic: str = Field(
         "chat-dead-letters", min_length=1, description="Bad records go here, with the reason."
     )
+    stream_topic: str | None = Field(
+        None,
+        description=(
+            "Topic of partial replies as they are generated; unset = '<MARVIN_TOPIC>-stream', "
+            "empty = no streaming."
+        ),
+    )
+    stream_retention: float = Field(
+        3600.0, gt=0, description="Seconds the stream topic keeps chunks (set at its creation)."
+    )
+    stream_interval: float = Field(
+        0.05,
+        ge=0,
+        description="Seconds between stream chunks after the first token (or 16 tokens).",
+    )
     partitions: int = Field(4, ge=1, description="Partitions of the chat topic and the table.")
     ai_role: str = Field("AI", min_length=1, description="Role of the bot's own messages.")
     human_role: str = Field("human", min_length=1, description="Role that gets answered.")
@@ -163,6 +178,11 @@ class Settings(BaseSettings):
     def _check_model_source(self) -> Settings:
         if self.model_source == "path" and self.model_path is None:
             raise ValueError("MARVIN_MODEL_PATH must be set when MARVIN_MODEL_SOURCE=path")
+        if self.streams_to in (self.topic, self.replies_to, self.dead_letter_topic):
+            raise ValueError(
+                f"MARVIN_STREAM_TOPIC={self.streams_to!r} must be a topic of its own, not the "
+                "chat, reply or dead-letter topic"
+            )
         if not self.broker.startswith("kafka://"):
             raise ValueError(f"MARVIN_BROKER must start with kafka:// (got {self.broker!r})")
         self._check_security()
@@ -213,6 +233,13 @@ class Settings(BaseSettings):
     @property
     def replies_to(self) -> str:
         return self.reply_topic or self.topic
+
+    @property
+    def streams_to(self) -> str | None:
+        """The stream topic, or None when streaming is off."""
+        if self.stream_topic is None:
+            return f"{self.topic}-stream"
+        return self.stream_topic or None
 
     @property
     def models_dir(self) -> Path:

@@ -19,10 +19,11 @@ class Topics:
     chat: TopicT
     replies: TopicT  # the chat topic itself unless MARVIN_REPLY_TOPIC names another
     dead_letters: TopicT
+    stream: TopicT | None  # partial replies (marvin_faust.streaming); None = streaming off
 
 
 def declare_topics(app: faust.App, settings: Settings) -> Topics:
-    def raw_topic(name: str) -> TopicT:
+    def raw_topic(name: str, **options: object) -> TopicT:
         return app.topic(
             name,
             key_type=bytes,
@@ -33,8 +34,16 @@ def declare_topics(app: faust.App, settings: Settings) -> Topics:
             # "internal": Faust creates the topic with these partitions before it subscribes,
             # so a fresh cluster works without a manual create step.
             internal=True,
+            **options,
         )
 
     chat = raw_topic(settings.topic)
     replies = chat if settings.replies_to == settings.topic else raw_topic(settings.replies_to)
-    return Topics(chat=chat, replies=replies, dead_letters=raw_topic(settings.dead_letter_topic))
+    stream_name = settings.streams_to
+    return Topics(
+        chat=chat,
+        replies=replies,
+        dead_letters=raw_topic(settings.dead_letter_topic),
+        # Chunks are a live preview: an hour is plenty, and the topic stays small.
+        stream=raw_topic(stream_name, retention=settings.stream_retention) if stream_name else None,
+    )

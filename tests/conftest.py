@@ -26,5 +26,7 @@ def unit_app(tmp_path_factory: pytest.TempPathFactory):
         backend="standin",
         store="memory://",
         data_dir=tmp_path_factory.mktemp("unit-app"),
+        # No stream producer to start: test_agents.py streams to a list instead.
+        stream_topic="",
     )
     return create_app(settings)

@@ -11,7 +11,7 @@ import asyncio
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from langchain_core.messages import BaseMessage
@@ -29,12 +29,21 @@ class ModelLoadError(Exception):
     """The model cannot be loaded; the worker must not start."""
 
 
+# Receives each piece of text as the model writes it.
+TokenSink = Callable[[str], None]
+
+
+def ignore_tokens(delta: str) -> None:
+    """The sink of a generation nobody streams."""
+
+
 @dataclass(frozen=True)
 class Generation:
     text: str
     completion_tokens: int
     seconds: float
     first_token_seconds: float | None = None
+    finish_reason: str = "stop"  # or "length": the reply hit MARVIN_MAX_TOKENS
 
     @property
     def tokens_per_second(self) -> float:
@@ -76,21 +85,34 @@ class ChatBackend(ABC):
         """Tokens in ``text`` by the model's own tokenizer."""
 
     @abstractmethod
-    def _generate(self, messages: Sequence[BaseMessage], cancel: threading.Event) -> Generation:
-        """Produce a reply, blocking. Stop early once ``cancel`` is set."""
+    def _generate(
+        self, messages: Sequence[BaseMessage], cancel: threading.Event, on_token: TokenSink
+    ) -> Generation:
+        """Produce a reply, blocking, passing each new piece of text to ``on_token`` as it
+        comes (in this thread). Stop early once ``cancel`` is set."""
 
-    async def generate(self, messages: Sequence[BaseMessage], timeout: float) -> Generation:
-        """Run one generation in a worker thread; :class:`ModelTimeout` after ``timeout`` s."""
+    async def generate(
+        self,
+        messages: Sequence[BaseMessage],
+        timeout: float,
+        on_token: TokenSink | None = None,
+    ) -> Generation:
+        """Run one generation in a worker thread; :class:`ModelTimeout` after ``timeout`` s.
+
+        ``on_token`` is called on this event loop with each piece of text as the model writes
+        it, never after this returns or raises.
+        """
         if not self._loaded:
             raise ModelError(f"{self.name} model is not loaded")
         cancel = threading.Event()
         started = time.monotonic()
+        sink = ignore_tokens if on_token is None else self._on_loop(on_token, cancel)
 
         def run() -> Generation:
             with self._lock:
                 if cancel.is_set():  # gave up while waiting for the lock
                     raise ModelTimeout("cancelled before it started")
-                return self._generate(messages, cancel)
+                return self._generate(messages, cancel, sink)
 
         try:
             return await asyncio.wait_for(asyncio.to_thread(run), timeout)
@@ -105,3 +127,19 @@ class ChatBackend(ABC):
         finally:
             # The thread outlives a timed-out await: tell it to stop and free the lock.
             cancel.set()
+
+    @staticmethod
+    def _on_loop(on_token: TokenSink, cancel: threading.Event) -> TokenSink:
+        """A sink for the worker thread that hands each piece to ``on_token`` on this loop;
+        pieces still on their way when the call ended are dropped."""
+        loop = asyncio.get_running_loop()
+
+        def deliver(delta: str) -> None:
+            if not cancel.is_set():
+                on_token(delta)
+
+        def from_thread(delta: str) -> None:
+            if not cancel.is_set():
+                loop.call_soon_threadsafe(deliver, delta)
+
+        return from_thread

@@ -39,7 +39,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, GenerationChunk
 from pydantic import BaseModel, ConfigDict
 
-from .base import ChatBackend, Generation, ModelError, ModelLoadError
+from .base import ChatBackend, Generation, ModelError, ModelLoadError, TokenSink
 
 STOP_SEQUENCES = ["\nHuman:", "Human:", "\nMarvin:", "[INST]", "<end_of_turn>", "</s>"]
 
@@ -138,15 +138,19 @@ class LlamaCppChatModel(BaseChatModel, LlamaCppSampling):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
+        # BaseChatModel.stream() reports each chunk to the callbacks itself.
         for chunk in self.llama.create_chat_completion(
             **self._request(messages, stop), stream=True
         ):
-            delta = chunk["choices"][0]["delta"].get("content")
+            choice = chunk["choices"][0]
+            delta = choice["delta"].get("content")
             if delta:
-                piece = ChatGenerationChunk(message=AIMessageChunk(content=delta))
-                if run_manager:
-                    run_manager.on_llm_new_token(delta, chunk=piece)
-                yield piece
+                yield ChatGenerationChunk(message=AIMessageChunk(content=delta))
+            if choice.get("finish_reason"):
+                yield ChatGenerationChunk(
+                    message=AIMessageChunk(content=""),
+                    generation_info={"finish_reason": choice["finish_reason"]},
+                )
 
 
 class LlamaCppCompletionLLM(LLM, LlamaCppSampling):
@@ -178,11 +182,15 @@ class LlamaCppCompletionLLM(LLM, LlamaCppSampling):
             for chunk in stream:
                 if cancel is not None and cancel.is_set():
                     break
-                text = chunk["choices"][0]["text"]
-                if text:
-                    piece = GenerationChunk(text=text)
+                choice = chunk["choices"][0]
+                finish_reason = choice.get("finish_reason")
+                if choice["text"] or finish_reason:
+                    piece = GenerationChunk(
+                        text=choice["text"],
+                        generation_info={"finish_reason": finish_reason} if finish_reason else None,
+                    )
                     if run_manager:
-                        run_manager.on_llm_new_token(text, chunk=piece)
+                        run_manager.on_llm_new_token(piece.text, chunk=piece)
                     yield piece
         finally:
             stream.close()  # stops llama.cpp mid-reply
@@ -210,16 +218,32 @@ def llama2_chat(llm: LLM) -> BaseChatModel:
     return Llama2Chat(llm=llm)
 
 
-class _FirstToken(BaseCallbackHandler):
-    """Notes when the first token of a reply arrives."""
+class _Relay(BaseCallbackHandler):
+    """One reply's pieces as llama.cpp writes them: passes each to the backend's token sink and
+    notes when the first came and why the reply ended. Fed by the chat path's stream and, as a
+    LangChain callback, by the Llama-2 path (``Llama2Chat`` does not stream)."""
 
-    def __init__(self, started: float) -> None:
-        self.started = started
-        self.seconds: float | None = None
+    def __init__(self, on_token: TokenSink) -> None:
+        self.on_token = on_token
+        self.started = time.perf_counter()
+        self.first_token_seconds: float | None = None
+        self.finish_reason = "stop"
+        self.pieces: list[str] = []
+
+    def piece(self, text: str, finish_reason: str | None) -> None:
+        if finish_reason:
+            self.finish_reason = finish_reason
+        if not text:
+            return
+        if self.first_token_seconds is None:
+            self.first_token_seconds = time.perf_counter() - self.started
+        self.pieces.append(text)
+        self.on_token(text)
 
     def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
-        if self.seconds is None:
-            self.seconds = time.perf_counter() - self.started
+        chunk = kwargs.get("chunk")
+        info = getattr(chunk, "generation_info", None) or {}
+        self.piece(token, info.get("finish_reason"))
 
 
 class LlamaCppBackend(ChatBackend):
@@ -290,48 +314,31 @@ class LlamaCppBackend(ChatBackend):
         # Tokenizing reads only the vocabulary, not the decoding context the lock guards.
         return len(self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
-    def _generate(self, messages: Sequence[BaseMessage], cancel: threading.Event) -> Generation:
+    def _generate(
+        self, messages: Sequence[BaseMessage], cancel: threading.Event, on_token: TokenSink
+    ) -> Generation:
         assert self.chat_model is not None
-        started = time.perf_counter()
+        relay = _Relay(on_token)
         if self.prompt_format == "llama-2":
-            text, first_token = self._complete(messages, cancel, started)
+            # Meta's reference strips every message (llama/generation.py); Llama2Chat does not.
+            stripped = [m.model_copy(update={"content": str(m.content).strip()}) for m in messages]
+            self.chat_model.invoke(stripped, {"callbacks": [relay]}, cancel=cancel)
         else:
-            text, first_token = self._stream_chat(messages, cancel, started)
-        elapsed = time.perf_counter() - started
+            for chunk in self.chat_model.stream(list(messages)):
+                if cancel.is_set():
+                    break  # closing the stream stops llama.cpp mid-reply
+                relay.piece(str(chunk.content), chunk.response_metadata.get("finish_reason"))
+        elapsed = time.perf_counter() - relay.started
         if cancel.is_set():
             raise ModelError("generation cancelled")
-        text = text.strip()
+        text = "".join(relay.pieces).strip()
         return Generation(
             text=text,
             completion_tokens=self.count_tokens(text),
             seconds=elapsed,
-            first_token_seconds=first_token,
+            first_token_seconds=relay.first_token_seconds,
+            finish_reason=relay.finish_reason,
         )
-
-    def _stream_chat(
-        self, messages: Sequence[BaseMessage], cancel: threading.Event, started: float
-    ) -> tuple[str, float | None]:
-        assert self.chat_model is not None
-        first_token: float | None = None
-        pieces: list[str] = []
-        for chunk in self.chat_model.stream(list(messages)):
-            if cancel.is_set():
-                break  # closing the stream stops llama.cpp mid-reply
-            if first_token is None:
-                first_token = time.perf_counter() - started
-            pieces.append(str(chunk.content))
-        return "".join(pieces), first_token
-
-    def _complete(
-        self, messages: Sequence[BaseMessage], cancel: threading.Event, started: float
-    ) -> tuple[str, float | None]:
-        """Llama2Chat renders the prompt; its LLM streams to the callback, stops on ``cancel``."""
-        assert self.chat_model is not None
-        # Meta's reference strips every message (llama/generation.py); Llama2Chat does not.
-        stripped = [m.model_copy(update={"content": str(m.content).strip()}) for m in messages]
-        first_token = _FirstToken(started)
-        reply = self.chat_model.invoke(stripped, {"callbacks": [first_token]}, cancel=cancel)
-        return str(reply.content), first_token.seconds
 
 
 def _token_text(llama: Any, token: int) -> str:

@@ -6,18 +6,20 @@ It replies by echoing the prompt it was given, so tests can see exactly what rea
 - ``[fail]``: the call raises, as a crashed model would;
 - ``[hang]``: the call blocks until the timeout gives up on it.
 
-Tokens are whitespace-separated words.
+Tokens are whitespace-separated words. The reply streams one token at a time, evenly spread
+over ``latency`` seconds, so a slow stand-in shows partial replies the way a real model does.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Sequence
 
 from langchain_core.messages import BaseMessage, SystemMessage
 
-from .base import ChatBackend, Generation
+from .base import ChatBackend, Generation, TokenSink
 
 FAIL_MARKER = "[fail]"
 HANG_MARKER = "[hang]"
@@ -40,7 +42,9 @@ class StandInBackend(ChatBackend):
     def count_tokens(self, text: str) -> int:
         return len(text.split())
 
-    def _generate(self, messages: Sequence[BaseMessage], cancel: threading.Event) -> Generation:
+    def _generate(
+        self, messages: Sequence[BaseMessage], cancel: threading.Event, on_token: TokenSink
+    ) -> Generation:
         started = time.perf_counter()
         self.calls += 1
         last = str(messages[-1].content) if messages else ""
@@ -48,12 +52,21 @@ class StandInBackend(ChatBackend):
             cancel.wait()
         if FAIL_MARKER in last:
             raise RuntimeError("stand-in model failure requested by [fail]")
-        if self.latency:
-            cancel.wait(self.latency)
         text = render_echo(messages)
+        # Each piece keeps the whitespace before it, so the pieces add up to the text.
+        pieces = re.findall(r"\s*\S+", text) or [text]
+        first_token: float | None = None
+        for index, piece in enumerate(pieces, start=1):
+            # Paced against the start, not piece by piece: the total stays ``latency``.
+            due = started + self.latency * index / len(pieces)
+            if cancel.wait(max(0.0, due - time.perf_counter())):
+                break
+            if first_token is None:
+                first_token = time.perf_counter() - started
+            on_token(piece)
         return Generation(
             text=text,
             completion_tokens=self.count_tokens(text),
             seconds=time.perf_counter() - started,
-            first_token_seconds=time.perf_counter() - started,
+            first_token_seconds=first_token,
         )

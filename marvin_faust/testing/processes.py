@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from marvin_faust.settings import Settings, load_settings
+
 from .ports import free_ports
 
 READY_LINE = "[^Worker]: Ready"
@@ -118,6 +120,16 @@ class WorkerProcess:
 def cli_env(worker_env: dict[str, str], **extra: str) -> dict[str, str]:
     """The environment of a ``marvin-faust`` command talking to the worker of ``worker_env``."""
     return {**os.environ, **worker_env, **extra}
+
+
+def settings_of(env: dict[str, str]) -> Settings:
+    """The settings that a process with the ``MARVIN_*`` variables of ``env`` reads."""
+    fields = {
+        name.removeprefix("MARVIN_").lower(): value
+        for name, value in env.items()
+        if name.startswith("MARVIN_")
+    }
+    return load_settings(_env_file=None, **fields)
 
 
 def say(env: dict[str, str], *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:

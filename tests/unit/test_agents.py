@@ -10,6 +10,7 @@ import pytest
 
 from marvin_faust import agents
 from marvin_faust.llm.standin import FAIL_MARKER, HANG_MARKER
+from marvin_faust.streaming import ReplyStream, StreamChunk
 
 
 def wire(cid: str, text: str, role: str = "human", **extra) -> bytes:
@@ -200,3 +201,72 @@ async def test_at_least_once_writes_the_history_only_once_the_reply_is_delivered
     delivery.set_result(None)
     await handling
     assert [t["role"] for t in agent.history["c10"]] == ["human", "AI"]
+
+
+class CollectingStreams:
+    """Stands in for ``StreamPublisher``: every chunk of every stream, in a list."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.chunks: list[StreamChunk] = []
+        self.partitions: list[int | None] = []
+
+    def open(self, conversation_id, *, in_reply_to, stream_id, partition) -> ReplyStream:
+        self.partitions.append(partition)
+
+        async def send(chunk: StreamChunk) -> None:
+            self.chunks.append(chunk)
+
+        return ReplyStream(
+            send,
+            conversation_id=conversation_id,
+            in_reply_to=in_reply_to,
+            stream_id=stream_id,
+            interval=self.interval,
+        )
+
+
+@pytest.fixture()
+def streams(agent, monkeypatch) -> CollectingStreams:
+    collecting = CollectingStreams(interval=0.01)
+    monkeypatch.setattr(agent.answerer, "streams", collecting)
+    monkeypatch.setattr(agent.answerer.backend, "latency", 0.2)  # a token every few ms
+    return collecting
+
+
+async def test_a_reply_streams_before_it_is_sent(agent, streams):
+    await agent.put(wire("s1", "one two three four five six"), key=b"s1", headers={"uuid": b"m"})
+    [reply] = agent.replies()
+    reply_id = dict(reply["headers"])["uuid"].decode()
+    chunks = streams.chunks
+    assert {(c.conversation_id, c.in_reply_to, c.stream_id) for c in chunks} == {
+        ("s1", "m", reply_id)
+    }
+    assert "".join(c.delta for c in chunks) == json.loads(reply["value"])["text"]
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    assert [c.done for c in chunks].count(True) == 1 and chunks[-1].done
+    assert chunks[-1].finish_reason == "stop"
+    assert len(chunks) >= 3  # the stand-in's 7 tokens did not come as one chunk
+    assert streams.partitions == [0]  # the message's partition
+
+
+async def test_a_failed_generation_ends_its_stream_with_error(agent, streams):
+    await agent.put(wire("s2", f"oops {FAIL_MARKER}"), key=b"s2")
+    assert [(c.done, c.finish_reason) for c in streams.chunks] == [(True, "error")]
+    assert len(agent.dead_letters()) == 1 and agent.replies() == []
+
+
+async def test_a_timed_out_generation_ends_its_stream_with_timeout(agent, streams, monkeypatch):
+    monkeypatch.setattr(
+        agent.answerer, "settings", agent.settings.model_copy(update={"model_timeout": 0.2})
+    )
+    await agent.put(wire("s3", f"wait {HANG_MARKER}"), key=b"s3")
+    assert streams.chunks[-1].done and streams.chunks[-1].finish_reason == "timeout"
+    assert reasons(agent)[0].startswith("model failed: no reply after")
+
+
+async def test_a_redelivered_message_streams_nothing(agent, streams):
+    for _ in range(2):
+        await agent.put(wire("s4", "once"), key=b"s4", headers={"uuid": b"same"})
+    assert len({c.stream_id for c in streams.chunks}) == 1
+    assert len(agent.replies()) == 1

@@ -114,6 +114,24 @@ async def test_generates_a_reply_without_chat_markup(gemma):
     assert generation.first_token_seconds <= generation.seconds
 
 
+async def test_the_reply_streams_piece_by_piece_on_the_event_loop(gemma, monkeypatch):
+    loop_thread = threading.get_ident()
+    pieces: list[tuple[str, int]] = []
+    story = [HumanMessage("Tell me a long story about a robot.")]
+    generation = await gemma.generate(
+        story, timeout=120, on_token=lambda p: pieces.append((p, threading.get_ident()))
+    )
+    assert len(pieces) > 1
+    assert "".join(p for p, _ in pieces).strip() == generation.text
+    assert {thread for _, thread in pieces} == {loop_thread}
+    assert generation.finish_reason in ("stop", "length")
+    # A reply cut at max_tokens says so.
+    monkeypatch.setattr(gemma.chat_model, "max_tokens", 4)
+    cut = await gemma.generate(story, timeout=120, on_token=lambda p: None)
+    assert cut.finish_reason == "length"
+    assert cut.completion_tokens <= 4 + 2
+
+
 async def test_generation_does_not_block_the_event_loop(gemma):
     ticks = 0
 
@@ -175,6 +193,7 @@ class FakeLlama:
     SPECIAL: ClassVar[dict[bytes, int]] = {b"<s>": BOS, b"</s>": EOS}
     reply: tuple[str, ...] = ("Go", " away", ", I'm", " busy", ".")
     delay = 0.0
+    finish_reason = "stop"
     instances: ClassVar[list[FakeLlama]] = []  # the test reads the one that _load made
 
     def __init__(self, model_path: str, **kwargs: Any) -> None:
@@ -209,7 +228,9 @@ class FakeLlama:
         try:
             for text in self.reply:
                 time.sleep(self.delay)
-                yield {"choices": [{"text": text}]}
+                yield {"choices": [{"text": text, "finish_reason": None}]}
+            # llama-cpp-python ends a stream with a chunk that says why
+            yield {"choices": [{"text": "", "finish_reason": self.finish_reason}]}
         finally:
             self.closed.set()
 
@@ -272,6 +293,17 @@ async def test_llama2_backend_completes_metas_prompt_as_the_chat_path_samples(fa
     del chat_request["messages"]
     assert completion == chat_request
     assert completion["stop"] == STOP_SEQUENCES
+
+
+async def test_llama2_backend_streams_each_piece_and_the_finish_reason(fake_llama2, monkeypatch):
+    (llama,) = FakeLlama.instances
+    pieces: list[str] = []
+    generation = await fake_llama2.generate(TWO_TURNS, timeout=10, on_token=pieces.append)
+    assert pieces == list(FakeLlama.reply)
+    assert generation.finish_reason == "stop"
+    monkeypatch.setattr(llama, "finish_reason", "length")
+    generation = await fake_llama2.generate(TWO_TURNS, timeout=10, on_token=pieces.append)
+    assert generation.finish_reason == "length"
 
 
 def test_completion_llm_adds_bos_only_when_the_prompt_lacks_it():
