@@ -17,14 +17,19 @@ Routes:
 - ``POST /api/conversations``: open a conversation with Marvin's greeting; returns its id;
 - ``POST /api/conversations/{id}/messages`` ``{"text": ...}``: produce the human record;
 - ``GET /api/conversations/{id}/events``: server-sent events, one ``reply`` per AI record of the
-  conversation as it arrives on Kafka (a ``ready`` event first, once the page is subscribed);
+  conversation as it arrives on Kafka, and one ``chunk`` per piece of a reply being written
+  (the stream topic, ``marvin_faust.streaming``); a ``ready`` event first, once the page is
+  subscribed;
 - ``GET /api/conversations/{id}/history``: the stored history, from the worker's
   ``/conversations/{id}/`` view (with ``MARVIN_API_TOKEN`` as a bearer token when set).
 
 One Kafka consumer per process (``ChatClient``'s, with no group, positioned at the end when the
-process starts) reads the reply topic and fans each AI record out to the open pages of its
-conversation. Everything the model says is rendered with ``textContent`` by ``static/chat.js``,
-and the page's Content-Security-Policy allows no inline script.
+process starts) reads the reply topic and the stream topic and fans each AI record and chunk out
+to the open pages of its conversation. The page grows a reply's bubble chunk by chunk, starts it
+over when a stream restarts (a worker crashed mid-reply and the message was redelivered), and
+settles it on the final reply, the record of truth. Everything the model says is rendered with
+``textContent`` by ``static/chat.js``, and the page's Content-Security-Policy allows no inline
+script.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from aiohttp import web
 from .client import ChatClient, ChatClientError, Reply
 from .models import ChatMessage
 from .settings import Settings
+from .streaming import StreamChunk
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +57,8 @@ STATIC_DIR = Path(__file__).parent / "static"
 # Path segment of a conversation id; the worker's view takes the same.
 CONVERSATION_ID = r"[^/]{1,200}"
 HEARTBEAT_SECONDS = 15.0  # an SSE comment this often finds closed connections
-SUBSCRIBER_QUEUE = 100  # replies buffered for one slow page; history covers anything dropped
+# Replies and chunks buffered for one slow page; the history covers a dropped reply.
+SUBSCRIBER_QUEUE = 1000
 HISTORY_TIMEOUT = aiohttp.ClientTimeout(total=15)
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -67,12 +74,16 @@ SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http", aiohttp.ClientSession)
 
 
+Event = Reply | StreamChunk
+
+
 class ReplyHub:
-    """Fans the replies read by one ``ChatClient`` out to per-conversation subscribers."""
+    """Fans the replies and stream chunks read by one ``ChatClient`` out to per-conversation
+    subscribers."""
 
     def __init__(self, client: ChatClient) -> None:
         self.client = client
-        self._subscribers: dict[str, set[asyncio.Queue[Reply | None]]] = defaultdict(set)
+        self._subscribers: dict[str, set[asyncio.Queue[Event | None]]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -89,8 +100,8 @@ class ReplyHub:
                 await self._task
 
     @contextlib.contextmanager
-    def subscribe(self, conversation_id: str) -> Iterator[asyncio.Queue[Reply | None]]:
-        queue: asyncio.Queue[Reply | None] = asyncio.Queue(SUBSCRIBER_QUEUE)
+    def subscribe(self, conversation_id: str) -> Iterator[asyncio.Queue[Event | None]]:
+        queue: asyncio.Queue[Event | None] = asyncio.Queue(SUBSCRIBER_QUEUE)
         self._subscribers[conversation_id].add(queue)
         try:
             yield queue
@@ -105,20 +116,25 @@ class ReplyHub:
     async def _run(self) -> None:
         while True:
             try:
-                async for reply in self.client.replies():
-                    self._publish(reply)
+                async for event in self.client.events():
+                    self._publish(event)
             except asyncio.CancelledError:
                 raise
             except Exception:  # the consumer recovers on its own; keep the fan-out alive
                 log.exception("Reading replies failed; retrying")
                 await asyncio.sleep(1.0)
 
-    def _publish(self, reply: Reply) -> None:
-        for queue in self._subscribers.get(reply.message.conversation_id, ()):
+    def _publish(self, event: Event) -> None:
+        conversation_id = (
+            event.conversation_id
+            if isinstance(event, StreamChunk)
+            else event.message.conversation_id
+        )
+        for queue in self._subscribers.get(conversation_id, ()):
             try:
-                queue.put_nowait(reply)
+                queue.put_nowait(event)
             except asyncio.QueueFull:
-                log.warning("Dropped a reply for a slow page of %s", reply.message.conversation_id)
+                log.warning("Dropped an event for a slow page of %s", conversation_id)
 
 
 HUB: web.AppKey[ReplyHub] = web.AppKey("hub", ReplyHub)
@@ -141,6 +157,18 @@ def turn_json(
 
 def message_json(message: ChatMessage, settings: Settings, **extra: Any) -> dict[str, Any]:
     return turn_json(message.role, message.text, message.Timestamp, settings, **extra)
+
+
+def chunk_json(chunk: StreamChunk) -> dict[str, Any]:
+    """A piece of a reply being written, as the page grows it."""
+    return {
+        "in_reply_to": chunk.in_reply_to,
+        "stream_id": chunk.stream_id,
+        "index": chunk.index,
+        "delta": chunk.delta,
+        "done": chunk.done,
+        "finish_reason": chunk.finish_reason,
+    }
 
 
 def error(status: int, message: str) -> web.Response:
@@ -209,17 +237,20 @@ async def events(request: web.Request) -> web.StreamResponse:
             await response.write(sse("ready", {"conversation_id": conversation_id}))
             while True:
                 try:
-                    reply = await asyncio.wait_for(queue.get(), HEARTBEAT_SECONDS)
+                    event = await asyncio.wait_for(queue.get(), HEARTBEAT_SECONDS)
                 except TimeoutError:
                     await response.write(b": keep-alive\n\n")
                     continue
-                if reply is None:  # the server is shutting down
+                if event is None:  # the server is shutting down
                     break
+                if isinstance(event, StreamChunk):
+                    await response.write(sse("chunk", chunk_json(event)))
+                    continue
                 data = message_json(
-                    reply.message,
+                    event.message,
                     settings,
-                    message_id=reply.message_id,
-                    in_reply_to=reply.in_reply_to,
+                    message_id=event.message_id,
+                    in_reply_to=event.in_reply_to,
                 )
                 await response.write(sse("reply", data))
         except (ConnectionResetError, ConnectionError):
@@ -282,7 +313,7 @@ def create_webchat(settings: Settings) -> web.Application:
 
 
 async def _clients(app: web.Application) -> Any:
-    client = ChatClient(app[SETTINGS])
+    client = ChatClient(app[SETTINGS], stream=True)
     await client.__aenter__()  # raises ChatClientError when Kafka or the topic is missing
     hub = ReplyHub(client)
     hub.start()

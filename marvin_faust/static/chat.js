@@ -2,6 +2,10 @@
 //
 // Everything Marvin (the model) says is untrusted text: it is only ever put on the page with
 // textContent, never as HTML.
+//
+// A reply shows as it is written: "chunk" events grow a partial bubble (keyed by the message it
+// answers), a new stream id for the same message starts it over (the worker crashed mid-reply and
+// the message was redelivered), and the "reply" event, the record of truth, replaces it.
 "use strict";
 
 (() => {
@@ -18,6 +22,8 @@
   const shown = new Map(); // turn key ("role:timestamp") -> <li>, so no turn shows twice
   const pending = new Set(); // ids of our messages that wait for a reply
   const answered = new Set(); // ids that replies named (a reply may beat the POST's answer)
+  const streaming = new Map(); // id of the message answered -> {streamId, item, text}
+  const UNANSWERED = { error: "the model failed", timeout: "the model timed out" };
   let conversationId = null;
   let justCreated = false;
 
@@ -41,35 +47,79 @@
   }
 
   function updateThinking() {
-    els.thinking.hidden = pending.size === 0;
+    // "Thinking" until the first words of every awaited reply show.
+    els.thinking.hidden = [...pending].every((id) => streaming.has(id));
   }
 
   function settle(messageId) {
     if (!messageId) return;
     answered.add(messageId);
     pending.delete(messageId);
+    const partial = streaming.get(messageId);
+    if (partial) partial.item.remove();
+    streaming.delete(messageId);
     updateThinking();
   }
 
-  // Insert a turn in time order (timestamps are nanosecond strings: compare as BigInt).
-  function render(turn) {
-    if (shown.has(turn.key)) return;
+  function bubble(role, value) {
     const item = document.createElement("li");
-    item.className = turn.role === "ai" ? "turn ai" : "turn human";
-    item.dataset.key = turn.key;
-    item.dataset.timestamp = turn.timestamp;
+    item.className = role === "ai" ? "turn ai" : "turn human";
     const who = document.createElement("span");
     who.className = "who";
-    who.textContent = turn.role === "ai" ? "Marvin" : "You";
+    who.textContent = role === "ai" ? "Marvin" : "You";
     const text = document.createElement("p");
     text.className = "text";
-    text.textContent = turn.text;
+    text.textContent = value;
     item.append(who, text);
-    const at = BigInt(turn.timestamp);
+    return item;
+  }
+
+  // Insert a turn in time order (timestamps are nanosecond strings: compare as BigInt).
+  function place(item, timestamp) {
+    item.dataset.timestamp = timestamp;
+    const at = BigInt(timestamp);
     const next = [...els.messages.children].find((other) => BigInt(other.dataset.timestamp) > at);
     els.messages.insertBefore(item, next || null);
-    shown.set(turn.key, item);
     item.scrollIntoView({ block: "end" });
+  }
+
+  function render(turn) {
+    if (shown.has(turn.key)) return;
+    const item = bubble(turn.role, turn.text);
+    item.dataset.key = turn.key;
+    place(item, turn.timestamp);
+    shown.set(turn.key, item);
+  }
+
+  // One piece of a reply being written.
+  function grow(chunk) {
+    const id = chunk.in_reply_to;
+    if (!id || answered.has(id)) return; // the final reply is here: it wins
+    let partial = streaming.get(id);
+    if (!partial || partial.streamId !== chunk.stream_id) {
+      const restarted = Boolean(partial);
+      if (partial) partial.item.remove();
+      const item = bubble("ai", "");
+      item.classList.add("partial");
+      if (restarted) item.dataset.restarted = "true";
+      partial = { streamId: chunk.stream_id, item, text: "" };
+      streaming.set(id, partial);
+      place(item, String(BigInt(Date.now()) * 1000000n));
+    }
+    partial.text += chunk.delta;
+    // The final reply is stripped: so is what shows before it.
+    partial.item.querySelector(".text").textContent = partial.text.trimStart();
+    if (chunk.done && UNANSWERED[chunk.finish_reason]) {
+      partial.item.classList.replace("partial", "failed");
+      const note = document.createElement("p");
+      note.className = "note";
+      note.textContent = `Marvin could not answer: ${UNANSWERED[chunk.finish_reason]}.`;
+      partial.item.append(note);
+      pending.delete(id);
+      answered.add(id);
+      streaming.delete(id);
+    }
+    updateThinking();
   }
 
   async function loadHistory() {
@@ -104,9 +154,10 @@
     });
     events.addEventListener("reply", (event) => {
       const turn = JSON.parse(event.data);
-      render(turn);
       settle(turn.in_reply_to);
+      render(turn);
     });
+    events.addEventListener("chunk", (event) => grow(JSON.parse(event.data)));
     events.addEventListener("error", () => {
       setReady(false);
       showStatus("Connection to the chat server lost; reconnecting\u2026");

@@ -168,3 +168,57 @@ def test_unreachable_broker_and_missing_topic_fail_with_one_line(kafka_broker, w
         f"marvin-faust: topic {no_topic['MARVIN_TOPIC']!r} does not exist: "
         "is a marvin-faust worker running?"
     ]
+
+
+def test_chat_shows_the_first_words_before_the_reply_is_complete(start_worker, worker_env):
+    start_worker(MARVIN_STANDIN_LATENCY="5")  # a reply takes 5 s to write
+    child = spawn_chat(cli_env(worker_env))
+    child.expect(CONVERSATION_LINE)
+    child.expect_exact(PROMPT)
+    words = " ".join(f"word{i}" for i in range(24))
+    child.sendline(words)
+    child.expect_exact("Marvin: human: word0")
+    # The first words are on the screen; the rest of the reply is not written yet.
+    assert "word23" not in child.after + child.buffer
+    child.expect_exact(words.removeprefix("word0") + "\r\n")  # the rest, then the prompt
+    child.expect_exact(PROMPT)
+    assert transcript(child).count(f"Marvin: human: {words}\r\n") == 1
+    child.sendline("/quit")
+    assert exit_status(child) == 0
+
+
+def test_say_stream_prints_tokens_as_text_and_streaming_off_still_answers(start_worker, worker_env):
+    start_worker(MARVIN_STANDIN_LATENCY="1")
+    env = cli_env(worker_env)
+    cid = str(uuid.uuid4())
+    # The stand-in echoes the message: escape sequences in it come back from "the model".
+    hostile = "red \x1b[31mRED\x1b[0m \x1b]0;title\x07 bell\x07"
+    streamed = say(env, "--stream", "--timeout", str(WAIT), cid, hostile)
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == "human: red [31mRED[0m ]0;title bell\n"
+
+    # --json prints the record as it came; with --stream it is refused.
+    both = say(env, "--stream", "--json", cid, "hi")
+    assert both.returncode != 0
+    assert both.stderr.strip() == (
+        "marvin-faust: --json and --stream exclude each other: a record is printed whole"
+    )
+    failed = say(env, "--stream", "--timeout", str(WAIT), cid, "oops [fail]")
+    assert failed.returncode != 0
+    assert failed.stderr.strip().splitlines() == [
+        "marvin-faust: Marvin could not answer (the model failed); "
+        "the message went to the dead-letter topic"
+    ]
+
+
+def test_chat_and_say_work_with_streaming_off(start_worker, worker_env):
+    start_worker(MARVIN_STREAM_TOPIC="")
+    env = cli_env(worker_env, MARVIN_STREAM_TOPIC="")
+    cid = str(uuid.uuid4())
+    assert say(env, "--stream", "--timeout", str(WAIT), cid, "quiet").stdout == "human: quiet\n"
+    child = spawn_chat(env, cid)
+    child.expect_exact(PROMPT)
+    child.sendline("still there?")
+    expect_reply(child, ["human: quiet", "ai: human: quiet", "human: still there?"])
+    child.sendline("/quit")
+    assert exit_status(child) == 0

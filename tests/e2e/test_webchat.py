@@ -7,6 +7,7 @@ history view when a page is reopened). A screenshot of each run goes to ``test-a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from marvin_faust.testing.ports import free_ports
-from marvin_faust.testing.processes import MARVIN
+from marvin_faust.testing.processes import MARVIN, WorkerProcess
 from tests.fixtures import REPO
 
 pytestmark = pytest.mark.kafka
@@ -58,6 +59,8 @@ def http(method: str, url: str, body: dict | None = None) -> tuple[int, dict]:
 
 class WebChat:
     """A ``marvin-faust webchat`` process on a free port."""
+
+    worker: WorkerProcess | None = None  # the worker it reads the history from
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         [self.port] = free_ports(1)
@@ -109,12 +112,13 @@ def browser() -> Iterator:
             browser.close()
 
 
-@pytest.fixture()
-def webchat(start_worker, worker_env, tmp_path) -> Iterator[WebChat]:
+@contextlib.contextmanager
+def serving(start_worker, worker_env, tmp_path, **worker_settings: str) -> Iterator[WebChat]:
     """A worker guarding its views with a token, and a web chat that forwards it."""
-    worker = start_worker(MARVIN_API_TOKEN=TOKEN)
+    worker = start_worker(MARVIN_API_TOKEN=TOKEN, **worker_settings)
     env = {**os.environ, **worker_env, "MARVIN_API_TOKEN": TOKEN, "MARVIN_WORKER_URL": worker.url}
     chat = WebChat(env, tmp_path / "webchat.log")
+    chat.worker = worker
     try:
         chat.wait_until_serving()
         yield chat
@@ -122,6 +126,21 @@ def webchat(start_worker, worker_env, tmp_path) -> Iterator[WebChat]:
         # Stopped while the pages still hold their event streams open: it must end them.
         code = chat.stop()
     assert code == 0, chat.log_path.read_text()
+
+
+@pytest.fixture()
+def webchat(start_worker, worker_env, tmp_path) -> Iterator[WebChat]:
+    with serving(start_worker, worker_env, tmp_path) as chat:
+        yield chat
+
+
+SLOW = {"MARVIN_STANDIN_LATENCY": "5"}  # a stand-in model that takes 5 s to write a reply
+
+
+@pytest.fixture()
+def slow_webchat(start_worker, worker_env, tmp_path) -> Iterator[WebChat]:
+    with serving(start_worker, worker_env, tmp_path, **SLOW) as chat:
+        yield chat
 
 
 def ai_texts(page) -> list[str]:
@@ -212,3 +231,68 @@ def test_pages_of_two_conversations_get_only_their_replies_and_bad_input_is_refu
     assert (status, body) == (400, {"error": "text must be a non-empty string"})
     status, body = http("GET", f"{webchat.url}/api/conversations/no-such-id/history")
     assert status == 404
+
+
+def test_a_reply_grows_in_the_page_as_it_is_written_then_settles(browser, slow_webchat):
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(slow_webchat.url + "/")
+    expect(page.locator("body")).to_have_attribute("data-ready", "true", timeout=WAIT_MS)
+
+    words = " ".join(f"word{i}" for i in range(24))
+    final = f"human: {words}"
+    page.fill("#text", words)
+    page.press("#text", "Enter")
+    partial = page.locator("#messages .turn.ai.partial .text")
+    expect(partial).to_have_text(re.compile(r"^human: word0"), timeout=WAIT_MS)
+    shown = partial.text_content()
+    # Partial text: a beginning of the reply, on the page before the reply itself.
+    assert shown and final.startswith(shown) and shown != final
+    assert page.locator("#messages .turn.ai:not(.partial)").count() == 1  # the greeting
+    expect(page.locator("#thinking")).to_be_hidden()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "webchat-streaming.png"), full_page=True)
+    expect(partial).not_to_have_text(shown)  # and it grows
+
+    expect(page.locator("#messages .turn.ai .text")).to_have_text(
+        [GREETING, final], timeout=WAIT_MS
+    )
+    expect(page.locator("#messages .turn.ai.partial")).to_have_count(0)
+    page.screenshot(path=str(ARTIFACTS / "webchat-streamed.png"), full_page=True)
+
+    # A model failure ends the bubble as failed instead of leaving it spinning.
+    page.fill("#text", "break down [fail]")
+    page.press("#text", "Enter")
+    expect(page.locator("#messages .turn.ai.failed .note")).to_have_text(
+        "Marvin could not answer: the model failed.", timeout=WAIT_MS
+    )
+    expect(page.locator("#thinking")).to_be_hidden()
+    assert errors == []
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_reply_restarts_the_bubble_then_one_reply_settles_it(
+    browser, slow_webchat, start_worker
+):
+    page = browser.new_page()
+    page.goto(slow_webchat.url + "/")
+    expect(page.locator("body")).to_have_attribute("data-ready", "true", timeout=WAIT_MS)
+    words = " ".join(f"word{i}" for i in range(24))
+    page.fill("#text", words)
+    page.press("#text", "Enter")
+    partial = page.locator("#messages .turn.ai.partial")
+    expect(partial.locator(".text")).to_have_text(re.compile(r"word1\b"), timeout=WAIT_MS)
+
+    worker = slow_webchat.worker
+    assert worker is not None
+    worker.kill()  # mid-reply: the message is redelivered to the restarted worker
+    start_worker(worker.data_dir, MARVIN_API_TOKEN=TOKEN, **SLOW)
+    expect(partial).to_have_attribute("data-restarted", "true", timeout=WAIT_MS)
+    expect(partial).to_have_count(1)
+    page.screenshot(path=str(ARTIFACTS / "webchat-restarted.png"), full_page=True)
+    expect(page.locator("#messages .turn.ai .text")).to_have_text(
+        [GREETING, f"human: {words}"], timeout=WAIT_MS
+    )
+    time.sleep(3)  # a second reply would come about as fast as the first
+    assert ai_texts(page) == [GREETING, f"human: {words}"]
