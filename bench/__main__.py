@@ -1,8 +1,9 @@
 """``python -m bench`` (``make bench``): every figure, each next to its baseline from this run.
 
 Starts a Kafka broker of its own on free loopback ports, worker processes and baseline loops
-on it, runs the sections in order (latency, throughput, profile, recovery, model, memory),
-prints the results as markdown and writes them to ``bench/results/`` as markdown and JSON.
+on it, runs the sections in order (latency, throughput, profile, recovery, model, streaming,
+memory), prints the results as markdown and writes them to ``bench/results/`` as markdown and
+JSON.
 ``--quick`` scales every count down for a run of a few minutes; every count is a parameter.
 Slowness never fails the run: only a section that could not measure (an error) does.
 """
@@ -24,11 +25,11 @@ from typing import Any
 
 from marvin_faust.settings import load_settings
 
-from . import harness, measure, model, profile, recovery, report
+from . import harness, measure, model, profile, recovery, report, streaming
 from .driver import FAMILIES
 from .harness import RESULTS_DIR, Cluster
 
-SECTIONS = ("latency", "throughput", "profile", "recovery", "model")
+SECTIONS = ("latency", "throughput", "profile", "recovery", "model", "streaming")
 
 FULL = {
     "latency_messages": 1000,
@@ -36,6 +37,7 @@ FULL = {
     "throughput_messages": 3000,
     "throughput_conversations": "1,100,10000",
     "model_runs": 5,
+    "streaming_runs": 80,
     "recovery_sizes": "1000,10000",
     "profile_seconds": 20.0,
 }
@@ -45,6 +47,7 @@ QUICK = {
     "throughput_messages": 1000,
     "throughput_conversations": "1,100,1000",
     "model_runs": 2,
+    "streaming_runs": 12,
     "recovery_sizes": "200,1000",
     "profile_seconds": 8.0,
 }
@@ -76,7 +79,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--recovery-sizes", help="comma-separated conversation counts")
     parser.add_argument("--recovery-turns", type=int, default=10, help="turns per conversation")
     parser.add_argument("--model-runs", type=int, help="measured generations per side")
-    parser.add_argument("--model-max-tokens", type=int, default=64, help="MARVIN_MAX_TOKENS")
+    parser.add_argument(
+        "--model-max-tokens", type=int, default=64, help="MARVIN_MAX_TOKENS (model, streaming)"
+    )
+    parser.add_argument(
+        "--streaming-runs", type=int, help="measured rounds, each asking streaming on and off"
+    )
     parser.add_argument("--seed", type=int, default=42, help="MARVIN_SEED")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, data)")
@@ -317,12 +325,20 @@ def run_model(cluster: Cluster, args: argparse.Namespace, out: dict[str, Any]) -
     )
 
 
+def run_streaming(cluster: Cluster, args: argparse.Namespace, out: dict[str, Any]) -> None:
+    data_dir = cluster.workdir / "streaming-state"
+    settings = model.model_settings(data_dir, args.seed, args.model_max_tokens)
+    say(f"streaming: workers with streaming on and off, {args.streaming_runs} rounds")
+    out.update(streaming.streaming_path(cluster, settings, args.streaming_runs))
+
+
 RUNNERS: dict[str, Callable[[Cluster, argparse.Namespace, dict[str, Any]], None]] = {
     "latency": run_latency,
     "throughput": run_throughput,
     "profile": run_profile,
     "recovery": run_recovery,
     "model": run_model,
+    "streaming": run_streaming,
 }
 
 

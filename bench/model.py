@@ -82,6 +82,20 @@ def model_settings(data_dir: Path, seed: int, max_tokens: int, **extra: Any) -> 
     )
 
 
+def worker_env(cluster: Cluster, name: str, settings: Settings, model_file: Path) -> dict[str, str]:
+    """A fresh app's settings for a worker on the real model: ``model_file``, with the seed
+    and max_tokens of ``settings``."""
+    env = cluster.app_env(name)
+    env.update(
+        MARVIN_BACKEND="llamacpp",
+        MARVIN_MODEL_SOURCE="path",
+        MARVIN_MODEL_PATH=str(model_file),
+        MARVIN_SEED=str(settings.seed),
+        MARVIN_MAX_TOKENS=str(settings.max_tokens),
+    )
+    return env
+
+
 def loaded_backend(settings: Settings) -> LlamaCppBackend:
     backend = create_backend(settings)
     assert isinstance(backend, LlamaCppBackend)
@@ -144,14 +158,7 @@ def model_path(
     request = {"messages": to_openai_messages(prompt), **direct_backend.sampling}
     request["stop"] = STOP_SEQUENCES
 
-    env = cluster.app_env("model")
-    env.update(
-        MARVIN_BACKEND="llamacpp",
-        MARVIN_MODEL_SOURCE="path",
-        MARVIN_MODEL_PATH=str(model_file),
-        MARVIN_SEED=str(settings.seed),
-        MARVIN_MAX_TOKENS=str(settings.max_tokens),
-    )
+    env = worker_env(cluster, "model", settings, model_file)
     worker = cluster.worker(env, "model")
     assert worker.process is not None
     metrics_url = f"{worker.url}/metrics"

@@ -51,6 +51,7 @@ def markdown(document: dict[str, Any]) -> str:
         ("latency", _latency),
         ("throughput", _throughput),
         ("model", _model),
+        ("streaming", _streaming),
         ("recovery", _recovery),
         ("memory", _memory),
         ("profile", _profile),
@@ -221,6 +222,132 @@ def _model(section: dict[str, Any]) -> list[str]:
     ]
 
 
+def _percentiles(summary: dict[str, Any]) -> str:
+    """ "p50 / p95" of a summary in ms, or p50 alone when there were too few runs for a p95."""
+    if summary.get("p95") is None:
+        return _cell(summary.get("p50"))
+    return f"{_cell(summary['p50'])} / {_cell(summary['p95'])}"
+
+
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _judged(interval: list[float], floor: float) -> str:
+    """Whether a ratio known to lie in ``interval`` (95%) is at least ``floor``."""
+    low, high = interval
+    if low >= floor:
+        return "met"
+    if high < floor:
+        return "missed"
+    return "not resolved (the interval spans it)"
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "missed"
+
+
+def _streaming(section: dict[str, Any]) -> list[str]:
+    if "first_token_visible_ms" not in section:
+        return []
+    visible, model = section["first_token_visible_ms"], section["model_first_token_ms"]
+    extra = visible["p50"] - model["p50"]
+    per_round = section["first_token_visible_minus_model_ms"]
+    target_extra = section["targets"]["first_token_visible_minus_model_p50_ms"]
+    final = section["final_reply_ms"]
+    tokens, cpu = section["tokens"], section["cpu_ms_per_reply"]
+    target_ratio = section["targets"]["tokens_per_second_ratio"]
+    spread = "p50 / p95" if visible.get("p95") is not None else "p50"
+    rows = [
+        [
+            f"first token visible at the client, {spread} ms",
+            _percentiles(visible),
+            f"model's time to first token, same generations: {_percentiles(model)}",
+            f"{extra:+.1f} ms (per round p50 {per_round['p50']:+.1f})",
+            f"<= +{target_extra:g} ms at p50: {_met(extra <= target_extra)}",
+        ],
+        [
+            f"final reply at the client, {spread} ms",
+            _percentiles(final["on"]),
+            f"streaming off: {_percentiles(final['off'])}",
+            _ratio(final["on"]["p50"], final["off"]["p50"]),
+            "-",
+        ],
+        *(
+            [
+                label,
+                tokens[kind]["on"]["tokens_per_second"],
+                f"streaming off: {_cell(tokens[kind]['off']['tokens_per_second'])}",
+                f"{_fraction(tokens[kind]['ratio'])} (95%: "
+                + " - ".join(map(_fraction, tokens[kind]["ratio_interval_95"]))
+                + ")",
+                target,
+            ]
+            for kind, label, target in (
+                (
+                    "worker",
+                    "tokens/s, the worker's generations (its log)",
+                    f">= {target_ratio:g}: "
+                    + _judged(tokens["worker"]["ratio_interval_95"], target_ratio),
+                ),
+                ("decode", "tokens/s after the first token (decoding alone)", "-"),
+                ("end_to_end", "tokens/s end to end (tokens / time to final reply)", "-"),
+            )
+        ),
+        [
+            "CPU ms per reply: worker / broker / client",
+            " / ".join(_cell(cpu["on"][process]) for process in ("worker", "broker", "client")),
+            "streaming off: "
+            + " / ".join(_cell(cpu["off"][process]) for process in ("worker", "broker", "client")),
+            " / ".join(
+                _ratio(cpu["on"][process], cpu["off"][process])
+                for process in ("worker", "broker", "client")
+            ),
+            "-",
+        ],
+        [
+            "model's time to first token, p50 ms",
+            model["p50"],
+            f"streaming off: {_cell(section['off_model_first_token_ms']['p50'])}",
+            _ratio(model["p50"], section["off_model_first_token_ms"]["p50"]),
+            "-",
+        ],
+    ]
+    rounds = section["rounds"]
+    return [
+        "## 4. Streaming",
+        "",
+        f"Two workers on the offline Gemma 3 270M (llama.cpp), same seed and max_tokens, "
+        f"running together: one streaming (chunks every {section['stream_interval']:g} s or "
+        "16 tokens, the first token at once), one with `MARVIN_STREAM_TOPIC=` (off). "
+        f"{rounds} rounds after one warm-up, each asking both the same prompt (one of "
+        f"{len(section['prompts'])}) in a fresh conversation, the order alternating (p95 "
+        "from 20 rounds on). The client is `ChatClient(stream=True)` (stream and chat "
+        "topics, read_committed); times run from just before the human record goes to its "
+        "producer. The model's time to first token is the streaming worker's "
+        "`marvin_model_time_to_first_token_seconds` for each of these generations. Same "
+        f"replies on and off: {section['same_replies']} "
+        f"of {rounds}; streamed text = reply: {section['streamed_text_matches_reply']} of "
+        f"{rounds}; {section['mean_chunks_per_reply']} chunks per reply. tokens/s = all "
+        "tokens / all seconds; 95%: a bootstrap interval of the ratio over the rounds (one "
+        "generation's time varies by tens of percent here). CPU: user + system seconds of "
+        "each process while that side's rounds "
+        "ran (client: the bench process); the broker and the clients share the machine's "
+        "cores with the model.",
+        "",
+        *_table(
+            [
+                "measurement",
+                "streaming on",
+                "baseline (same rounds)",
+                "difference / ratio",
+                "target",
+            ],
+            rows,
+        ),
+    ]
+
+
 def _memory(results: dict[str, Any]) -> list[str]:
     model = results.get("model") or {}
     if "peak_rss_kib" not in model:
@@ -235,7 +362,7 @@ def _memory(results: dict[str, Any]) -> list[str]:
         added = peak - standin_peak * 1024
         rows.append(["difference (the model's cost)", added / 2**20, _ratio(added, size)])
     return [
-        "## 5. Memory",
+        "## 6. Memory",
         "",
         f"Peak RSS (VmHWM in /proc/<pid>/status) against the model file ({size / 2**20:.0f} MiB).",
         "",
@@ -266,7 +393,7 @@ def _recovery(section: dict[str, Any]) -> list[str]:
         if row.get("note"):
             notes.append(f"- {row['conversations']:,} conversations: {row['note']}")
     return [
-        "## 4. Recovery",
+        "## 5. Recovery",
         "",
         f"A worker with an empty data dir rebuilds the history table from its changelog "
         f"({section['turns_per_conversation']} turns per conversation), then answers a "
