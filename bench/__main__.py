@@ -85,6 +85,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--streaming-runs", type=int, help="measured rounds, each asking streaming on and off"
     )
+    parser.add_argument(
+        "--stream-interval",
+        type=float,
+        help="MARVIN_STREAM_INTERVAL of the streaming worker (default: the worker's)",
+    )
     parser.add_argument("--seed", type=int, default=42, help="MARVIN_SEED")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, data)")
@@ -329,7 +334,9 @@ def run_streaming(cluster: Cluster, args: argparse.Namespace, out: dict[str, Any
     data_dir = cluster.workdir / "streaming-state"
     settings = model.model_settings(data_dir, args.seed, args.model_max_tokens)
     say(f"streaming: workers with streaming on and off, {args.streaming_runs} rounds")
-    out.update(streaming.streaming_path(cluster, settings, args.streaming_runs))
+    out.update(
+        streaming.streaming_path(cluster, settings, args.streaming_runs, args.stream_interval)
+    )
 
 
 RUNNERS: dict[str, Callable[[Cluster, argparse.Namespace, dict[str, Any]], None]] = {

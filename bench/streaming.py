@@ -156,10 +156,14 @@ class Side:
         return runs
 
 
-def start_side(cluster: Cluster, name: str, settings: Settings, model_file: Any) -> Side:
+def start_side(
+    cluster: Cluster, name: str, settings: Settings, model_file: Any, interval: float | None
+) -> Side:
     env = worker_env(cluster, f"streaming-{name}", settings, model_file)
     if name == "off":
         env["MARVIN_STREAM_TOPIC"] = ""
+    elif interval is not None:
+        env["MARVIN_STREAM_INTERVAL"] = str(interval)
     client_settings = settings_of(env)
     if client_settings.streams_to is not None:
         # Made here with the chat topic's partitions, as the worker would make it: a client
@@ -171,13 +175,16 @@ def start_side(cluster: Cluster, name: str, settings: Settings, model_file: Any)
     return Side(name, env, worker, client_settings)
 
 
-def streaming_path(cluster: Cluster, settings: Settings, runs: int) -> dict[str, Any]:
-    """Rounds on both workers; the figures, each with its baseline from the same rounds."""
+def streaming_path(
+    cluster: Cluster, settings: Settings, runs: int, interval: float | None = None
+) -> dict[str, Any]:
+    """Rounds on both workers; the figures, each with its baseline from the same rounds.
+    ``interval``: the streaming worker's ``MARVIN_STREAM_INTERVAL`` (None: its default)."""
     backend = create_backend(settings)
     assert isinstance(backend, LlamaCppBackend)
     model_file = backend.locate_model()
-    on = start_side(cluster, "on", settings, model_file)
-    off = start_side(cluster, "off", settings, model_file)
+    on = start_side(cluster, "on", settings, model_file, interval)
+    off = start_side(cluster, "off", settings, model_file, interval)
     cids = [str(uuid.uuid4()) for _ in range(runs + 1)]
     timeout = settings.model_timeout
     broker_pid = cluster.broker.pid
