@@ -4,7 +4,8 @@ Per message, in order:
 
 1. validate the raw bytes (bad -> dead-letter topic with the original bytes and the reason);
 2. drop the bot's own messages, except an opening greeting, stored as the first AI turn;
-3. skip a message id already in the history (a redelivery);
+3. skip a message already in the history (a redelivery): by its ``uuid`` header, or where it
+   has none by its place in the log (``topic/partition@offset``);
 4. trim the history to the token budget, build the prompt, ask the model in a worker thread,
    streaming its text to the stream topic as it comes (``marvin_faust.streaming``, outside the
    transaction: a preview, ended with a finish reason whatever happens);
@@ -14,9 +15,11 @@ Per message, in order:
    the message answered is written.
 
 :class:`Answerer` holds the agent's body with every dependency explicit; :func:`declare_agent`
-registers it on an app. Every failure is caught per message and dead-lettered, so nothing is
-acked silently (Faust acks an event even when the agent body raised) and the agent keeps
-running.
+registers it on an app. Up to ``MARVIN_PARALLEL`` messages are answered at once, one
+conversation's strictly in order (``scheduling.run_keyed``); each event is acknowledged when it
+is done, and Faust commits an offset only once every offset before it on its partition is.
+Every failure is caught per message and dead-lettered, so nothing is acked silently and the
+agent keeps running.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from collections.abc import AsyncIterator, Awaitable
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from faust.types import AgentT
+from faust.types import AgentT, EventT
 
 from .conversation import (
     append_turns,
@@ -48,6 +51,7 @@ from .models import (
     new_message_id,
     parse_chat_message,
 )
+from .scheduling import run_keyed
 from .streaming import FinishReason, ReplyStream
 
 if TYPE_CHECKING:
@@ -79,16 +83,12 @@ def declare_agent(app: MarvinApp) -> AgentT:
         await app.backend.wait_until_loaded()
         await answerer.prepare()
         # Yielding the outcome lets agent.test_context() wait until a message is handled.
-        async for event in stream.events():
-            message = event.message
-            outcome = await answerer.handle(
-                message.key,
-                message.value,
-                message.headers,
-                source=_source(message),
-                partition=message.partition,
-            )
-            app.metrics.messages.labels(outcome=outcome.value).inc()
+        async for outcome in run_keyed(
+            stream.noack().events(),
+            key=lambda event: event.message.key,  # one conversation's messages in order
+            handle=answerer.handle_event,
+            limit=app.settings.parallel,
+        ):
             yield outcome
 
     agent = app.agent(app.chat_topics.chat, name=f"{__name__}.answer")(answer)
@@ -134,6 +134,20 @@ class Answerer:
         ]
         return len(chat) == len(other)
 
+    async def handle_event(self, event: EventT) -> Outcome:
+        """Handle one event of the chat topic, then acknowledge it."""
+        message = event.message
+        outcome = await self.handle(
+            message.key,
+            message.value,
+            message.headers,
+            source=_source(message),
+            partition=message.partition,
+        )
+        self.metrics.messages.labels(outcome=outcome.value).inc()
+        event.ack()
+        return outcome
+
     async def handle(
         self,
         key: bytes | None,
@@ -153,7 +167,9 @@ class Answerer:
                 return await self.record_greeting(chat, header_value(headers, MESSAGE_ID_HEADER))
             if chat.role != settings.human_role:
                 raise BadMessage(f"unknown role {chat.role!r}")
-            return await self.reply_to(chat, header_value(headers, MESSAGE_ID_HEADER), partition)
+            return await self.reply_to(
+                chat, header_value(headers, MESSAGE_ID_HEADER), partition, source
+            )
         except BadMessage as exc:
             cause, reason = "bad-message", f"bad message: {exc}"
         except ModelError as exc:
@@ -176,12 +192,16 @@ class Answerer:
         return Outcome.GREETING
 
     async def reply_to(
-        self, chat: ChatMessage, message_id: str | None, partition: int | None
+        self, chat: ChatMessage, message_id: str | None, partition: int | None, source: str
     ) -> Outcome:
         settings, cid = self.settings, chat.conversation_id
         past = self.history[cid]
-        if has_message(past, message_id):
-            log.info("Skipping message %s of %s: already answered", message_id, cid)
+        # With several messages in flight, a later one can commit with an earlier one's
+        # offset still open; a crash then redelivers it answered. Its place in the log
+        # recognises it when it has no uuid header.
+        known_as = message_id or source
+        if has_message(past, known_as):
+            log.info("Skipping message %s of %s: already answered", known_as, cid)
             return Outcome.DUPLICATE
         window = history_window(
             past, settings.history_token_budget, self.backend.count_tokens, settings.ai_role
@@ -209,7 +229,7 @@ class Answerer:
             self.history[cid] = append_turns(
                 past,
                 [
-                    make_turn(chat.role, chat.text, chat.Timestamp, message_id),
+                    make_turn(chat.role, chat.text, chat.Timestamp, known_as),
                     make_turn(reply.role, reply.text, reply.Timestamp, reply_id),
                 ],
                 settings.max_stored_turns,
@@ -235,7 +255,9 @@ class Answerer:
         (stream id = the reply's id), and the stream ends with why it ended, whatever happens."""
         timeout = self.settings.model_timeout
         if self.streams is None:
-            return await self.backend.generate(prompt, timeout=timeout)
+            return await self.backend.generate(
+                prompt, timeout=timeout, conversation_id=conversation_id
+            )
         stream: ReplyStream = self.streams.open(
             conversation_id,
             in_reply_to=message_id,
@@ -243,7 +265,9 @@ class Answerer:
             partition=partition if self.stream_on_source else None,
         )
         try:
-            generation = await self.backend.generate(prompt, timeout=timeout, on_token=stream.push)
+            generation = await self.backend.generate(
+                prompt, timeout=timeout, on_token=stream.push, conversation_id=conversation_id
+            )
         except ModelTimeout:
             await stream.finish(FinishReason.TIMEOUT)
             raise

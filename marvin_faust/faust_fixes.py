@@ -1,4 +1,4 @@
-"""Seven fixes to faust-streaming, as subclasses of its aiokafka transport.
+"""Eight fixes to faust-streaming, as subclasses of its aiokafka transport.
 
 ``MarvinApp`` runs on :class:`Transport`, whose consumer, consumer thread and transaction
 manager carry the fixes; nothing in Faust is replaced process-wide, so another Faust app in the
@@ -41,6 +41,13 @@ a fix's bug without it. None is fixed upstream.
    metadata for went out with no transaction at all (faust-streaming/faust#177). Sends what an
    event produces in the transaction of the event's partition, as Kafka Streams' task producer
    does.
+8. No commit past an unfinished event. Faust commits the run of acknowledged offsets that
+   follows the committed one, and lets one missing offset pass at its head (a transaction
+   marker takes an offset and is never delivered). With several events in flight that missing
+   offset can be an event still being answered: its offset was committed before it was done (a
+   crash then lost it), and its reply sat in a transaction no later commit ended (seen: a reply
+   invisible for minutes, 2 runs in 3 with 4 generations in flight). Commits stop below the
+   lowest delivered offset not yet acknowledged.
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, HeadersArg, RecordMetadata
 
 VERIFIED_FAUST_VERSION = "0.15.3"
-FIXES = frozenset(range(1, 8))
+FIXES = frozenset(range(1, 9))
 
 
 class FaustVersionError(Exception):
@@ -201,8 +208,38 @@ class RevocationsCommitTheirAcks:
                 per_partition.pop(tp, None)
 
 
+class CommitsBelowUnfinishedEvents:
+    """Fix 8: a commit never passes an event that was delivered and not acknowledged."""
+
+    def _new_offset(self, tp: TP) -> int | None:
+        if not _fixes(self, 8):
+            return super()._new_offset(tp)
+        committed = self._committed_offset[tp]
+        unfinished = [
+            message.offset
+            for message in list(self._unacked_messages)
+            if message.tp == tp
+            and not message.acked
+            and (committed is None or message.offset >= committed)
+        ]
+        if not unfinished:
+            return super()._new_offset(tp)
+        # Faust's own computation over the acknowledgements below the first unfinished
+        # event; those above it wait for the next commit.
+        first = min(unfinished)
+        acked = self._acked[tp]
+        later = [offset for offset in acked if offset > first]
+        acked[:] = [offset for offset in acked if offset < first]
+        try:
+            return super()._new_offset(tp)
+        finally:
+            acked.extend(later)
+            acked.sort()
+
+
 class Consumer(
     CommitsBetweenEvents,
+    CommitsBelowUnfinishedEvents,
     SeeksWithTheFlowStopped,
     RevocationsCommitTheirAcks,
     faust_aiokafka.Consumer,

@@ -92,6 +92,15 @@ class Settings(BaseSettings):
         ),
     )
     max_poll_records: int = Field(10, ge=1, description="Records fetched per poll.")
+    parallel: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description=(
+            "Conversations one worker answers at once (one conversation's messages in order); "
+            "llama.cpp decodes them in one batch."
+        ),
+    )
     standby_replicas: int = Field(
         1, ge=0, description="Standby copies of each table partition kept by other workers."
     )
@@ -100,7 +109,7 @@ class Settings(BaseSettings):
 
     disabled_faust_fixes: str = Field(
         "",
-        pattern=r"^\s*([1-7]\s*(,\s*[1-7]\s*)*)?$",
+        pattern=r"^\s*([1-8]\s*(,\s*[1-8]\s*)*)?$",
         description=(
             "Faust fixes to turn off, by number (faust_fixes.py), e.g. 6 or 4,6: only to show "
             "what a fix prevents."

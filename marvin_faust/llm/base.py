@@ -1,8 +1,10 @@
 """The backend interface the agent talks to.
 
-llama.cpp calls take seconds and one ``llama_cpp.Llama`` is not thread-safe, so every
-generation runs in a worker thread behind one lock per backend (one model per process). The
-event loop only awaits: web views, timers, commits and rebalances keep working meanwhile.
+llama.cpp calls take seconds, so a generation never runs on the event loop: by default
+:meth:`ChatBackend._generate` runs in a worker thread, at most :attr:`ChatBackend.parallel` at
+once (1 for a model object that is not thread-safe); a backend with an engine of its own
+overrides :meth:`ChatBackend._run`. The event loop only awaits: web views, timers, commits and
+rebalances keep working meanwhile.
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ class ChatBackend(ABC):
 
     name: str = "backend"
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
+    def __init__(self, parallel: int = 1) -> None:
+        self.parallel = parallel  # generations that may run at once
+        self._slots = threading.BoundedSemaphore(parallel)
         self._loaded = False
         self._ready = asyncio.Event()
 
@@ -86,36 +89,55 @@ class ChatBackend(ABC):
 
     @abstractmethod
     def _generate(
-        self, messages: Sequence[BaseMessage], cancel: threading.Event, on_token: TokenSink
+        self,
+        messages: Sequence[BaseMessage],
+        cancel: threading.Event,
+        on_token: TokenSink,
+        conversation_id: str | None,
     ) -> Generation:
         """Produce a reply, blocking, passing each new piece of text to ``on_token`` as it
         comes (in this thread). Stop early once ``cancel`` is set."""
+
+    async def _run(
+        self,
+        messages: Sequence[BaseMessage],
+        cancel: threading.Event,
+        on_token: TokenSink,
+        conversation_id: str | None,
+    ) -> Generation:
+        """One generation off the event loop: :meth:`_generate` in a worker thread, once one
+        of the :attr:`parallel` slots is free."""
+
+        def run() -> Generation:
+            with self._slots:
+                if cancel.is_set():  # gave up while waiting for a slot
+                    raise ModelTimeout("cancelled before it started")
+                return self._generate(messages, cancel, on_token, conversation_id)
+
+        return await asyncio.to_thread(run)
 
     async def generate(
         self,
         messages: Sequence[BaseMessage],
         timeout: float,
         on_token: TokenSink | None = None,
+        conversation_id: str | None = None,
     ) -> Generation:
-        """Run one generation in a worker thread; :class:`ModelTimeout` after ``timeout`` s.
+        """One generation; :class:`ModelTimeout` after ``timeout`` s.
 
         ``on_token`` is called on this event loop with each piece of text as the model writes
-        it, never after this returns or raises.
+        it, never after this returns or raises. ``conversation_id`` lets a backend reuse what
+        it kept of that conversation's last turn.
         """
         if not self._loaded:
             raise ModelError(f"{self.name} model is not loaded")
         cancel = threading.Event()
         started = time.monotonic()
         sink = ignore_tokens if on_token is None else self._on_loop(on_token, cancel)
-
-        def run() -> Generation:
-            with self._lock:
-                if cancel.is_set():  # gave up while waiting for the lock
-                    raise ModelTimeout("cancelled before it started")
-                return self._generate(messages, cancel, sink)
-
         try:
-            return await asyncio.wait_for(asyncio.to_thread(run), timeout)
+            return await asyncio.wait_for(
+                self._run(messages, cancel, sink, conversation_id), timeout
+            )
         except TimeoutError:
             raise ModelTimeout(
                 f"no reply after {time.monotonic() - started:.1f}s (timeout {timeout:g}s)"
@@ -125,7 +147,7 @@ class ChatBackend(ABC):
         except Exception as exc:
             raise ModelError(f"{type(exc).__name__}: {exc}") from exc
         finally:
-            # The thread outlives a timed-out await: tell it to stop and free the lock.
+            # The thread outlives a timed-out await: tell it to stop and free its slot.
             cancel.set()
 
     @staticmethod

@@ -12,7 +12,7 @@ from .standin import StandInBackend
 def create_backend(settings: Settings) -> ChatBackend:
     """The configured backend, not yet loaded: the worker ``load()``s it when it starts."""
     if settings.backend == "standin":
-        return StandInBackend(latency=settings.standin_latency)
+        return StandInBackend(latency=settings.standin_latency, parallel=settings.parallel)
     from .llamacpp import LlamaCppBackend
     from .sources import resolve_model_file
 

@@ -315,7 +315,11 @@ class LlamaCppBackend(ChatBackend):
         return len(self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
     def _generate(
-        self, messages: Sequence[BaseMessage], cancel: threading.Event, on_token: TokenSink
+        self,
+        messages: Sequence[BaseMessage],
+        cancel: threading.Event,
+        on_token: TokenSink,
+        conversation_id: str | None,
     ) -> Generation:
         assert self.chat_model is not None
         relay = _Relay(on_token)

@@ -34,19 +34,25 @@ def render_echo(messages: Sequence[BaseMessage]) -> str:
 class StandInBackend(ChatBackend):
     name = "standin"
 
-    def __init__(self, latency: float = 0.0) -> None:
-        super().__init__()
+    def __init__(self, latency: float = 0.0, parallel: int = 1) -> None:
+        super().__init__(parallel)
         self.latency = latency
         self.calls = 0
+        self._counting = threading.Lock()
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())
 
     def _generate(
-        self, messages: Sequence[BaseMessage], cancel: threading.Event, on_token: TokenSink
+        self,
+        messages: Sequence[BaseMessage],
+        cancel: threading.Event,
+        on_token: TokenSink,
+        conversation_id: str | None,
     ) -> Generation:
         started = time.perf_counter()
-        self.calls += 1
+        with self._counting:
+            self.calls += 1
         last = str(messages[-1].content) if messages else ""
         if HANG_MARKER in last:
             cancel.wait()

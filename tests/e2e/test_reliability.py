@@ -21,6 +21,7 @@ from marvin_faust.conversation import make_turn
 from marvin_faust.testing.kafka import (
     bootstrap_of,
     changelog_topic,
+    consume,
     make_broker,
     one_conversation_per_partition,
     run,
@@ -142,6 +143,37 @@ def test_kill_minus_nine_during_a_run(start_worker, worker_env, family, guarante
         resume_max_s=round(max(resume_times), 1),
         drain_s=round(drained, 1),
     )
+
+
+def generations_in_flight(env: dict, expected: int, timeout: float = 120.0) -> int:
+    """Read the stream topic until ``expected`` replies are being written (begun, not done);
+    returns how many are, then."""
+    in_flight: set[str] = set()
+
+    def begun(records: list) -> bool:
+        begun_ids = {json.loads(r.value)["stream_id"] for r in records}
+        ended = {json.loads(r.value)["stream_id"] for r in records if json.loads(r.value)["done"]}
+        in_flight.clear()
+        in_flight.update(begun_ids - ended)
+        return len(in_flight) >= expected
+
+    run(consume(bootstrap_of(env), f"{env['MARVIN_TOPIC']}-stream", until=begun, timeout=timeout))
+    return len(in_flight)
+
+
+@pytest.mark.parametrize("family", ["aiokafka", "librdkafka"])
+def test_kill_minus_nine_with_four_generations_in_flight(start_worker, worker_env, family):
+    # Each reply takes 4 s to write: when four have begun, four are in flight.
+    settings = {**STANDIN, "MARVIN_STANDIN_LATENCY": "4", "MARVIN_PARALLEL": "4"}
+    env = {**worker_env, **settings}
+    worker = start_worker(**settings)
+    messages = conversation_messages(8, 2)
+    send(env, messages, family)
+    assert generations_in_flight(env, 4) == 4  # never more than MARVIN_PARALLEL
+    worker.kill()
+    start_worker(data_dir=worker.data_dir, **settings)
+    drained = wait_answered(env, messages)
+    check(env, messages, f"kill -9 with 4 in flight, {family} producer", drain_s=round(drained, 1))
 
 
 def test_graceful_restarts_during_a_run(start_worker, worker_env):

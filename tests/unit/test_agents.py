@@ -270,3 +270,52 @@ async def test_a_redelivered_message_streams_nothing(agent, streams):
         await agent.put(wire("s4", "once"), key=b"s4", headers={"uuid": b"same"})
     assert len({c.stream_id for c in streams.chunks}) == 1
     assert len(agent.replies()) == 1
+
+
+async def test_a_redelivered_message_without_a_uuid_header_is_known_by_its_place(agent):
+    outcomes = []
+    for _ in range(2):
+        agent.sent_offset = 7  # the same record, read again
+        event = await agent.put(wire("c11", "hi"), key=b"c11", partition=1)
+        outcomes.append(agent.results[agent.processed_offset - 1])
+    assert outcomes == [agents.Outcome.ANSWERED, agents.Outcome.DUPLICATE]
+    assert agent.history["c11"][0]["message_id"] == f"{event.message.topic}/1@7"
+    assert "in-reply-to" not in dict(agent.replies()[0]["headers"])
+
+
+async def test_conversations_are_answered_at_once_each_one_in_order(agent, monkeypatch):
+    backend, generate = agent.answerer.backend, agent.answerer.backend.generate
+    running, most = 0, 0
+
+    async def counting(*args, **kwargs):
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            return await generate(*args, **kwargs)
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(backend, "generate", counting)
+    monkeypatch.setattr(backend, "latency", 0.3)
+    sent = [("p1", "first"), ("p2", "other"), ("p1", "second"), ("p3", "third")]
+    for cid, text in sent:
+        await agent.put(wire(cid, text), key=cid.encode(), wait=False)
+    for _ in range(200):
+        if len(agent.replies()) == len(sent):
+            break
+        await asyncio.sleep(0.02)
+    texts = [json.loads(reply["value"])["text"] for reply in agent.replies()]
+    assert most == 3  # p1's second message waited for its first; the others did not
+    # p1's second reply was written after its first, and saw it in its prompt.
+    assert texts.index("human: first") < texts.index(
+        "human: first\nai: human: first\nhuman: second"
+    )
+    assert sorted(texts) == sorted(
+        [
+            "human: first",
+            "human: other",
+            "human: first\nai: human: first\nhuman: second",
+            "human: third",
+        ]
+    )

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections import defaultdict
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
 from faust.streams import _current_event
+from faust.transport.consumer import Consumer as BaseConsumer
 from faust.types import TP
+from intervaltree import IntervalTree
 
 from marvin_faust import faust_fixes
 from marvin_faust.transactions import CommitBarrier
@@ -324,3 +328,80 @@ async def test_a_send_outside_an_event_keeps_the_transaction_of_its_partition():
     # Faust's buffered changelog writes name their partition and have no current event.
     await manager.send("history-changelog", b"c1", b"[]", 2, None, None)
     assert manager.producer.sent == [("history-changelog", 2, "marvin-0-2")]
+
+
+PARTITION = TP("chat", 0)
+
+
+@dataclass(eq=False)
+class Delivered:
+    """A message as Faust's consumer tracks it until it is acknowledged."""
+
+    tp: TP
+    offset: int
+    acked: bool = False
+
+
+class Acknowledgements:
+    """Faust's consumer as fix 8 sees it: its own ``_new_offset`` over real bookkeeping."""
+
+    _new_offset = BaseConsumer._new_offset
+
+    def __init__(self, committed: int, transport: SimpleNamespace = ALL_FIXES_ON) -> None:
+        self.transport = transport
+        self._committed_offset = defaultdict(lambda: committed)
+        self._acked: defaultdict[TP, list[int]] = defaultdict(list)
+        self._acked_index: defaultdict[TP, set[int]] = defaultdict(set)
+        self._gap: defaultdict[TP, IntervalTree] = defaultdict(IntervalTree)
+        self._unacked_messages: set = set()
+
+    def deliver(self, offset: int) -> Delivered:
+        message = Delivered(PARTITION, offset)
+        self._unacked_messages.add(message)
+        return message
+
+    def commit(self) -> int | None:
+        """The offset a commit now would commit, remembered as committed (as Faust does)."""
+        offset = self._new_offset(PARTITION)
+        if offset is not None:
+            self._committed_offset[PARTITION] = offset
+        return offset
+
+    def ack(self, message: Delivered) -> None:
+        message.acked = True
+        self._unacked_messages.discard(message)
+        self._acked[PARTITION].append(message.offset)
+        self._acked_index[PARTITION].add(message.offset)
+
+
+class NewOffsets(faust_fixes.CommitsBelowUnfinishedEvents, Acknowledgements):
+    pass
+
+
+@pytest.mark.parametrize("fix_8", ["on", "off"])
+def test_no_commit_passes_an_event_still_being_answered(fix_8):
+    transport = SimpleNamespace(disabled=frozenset() if fix_8 == "on" else {8})
+    consumer = NewOffsets(committed=11, transport=transport)
+    slow, fast, faster = consumer.deliver(11), consumer.deliver(12), consumer.deliver(13)
+    consumer.ack(fast)
+    consumer.ack(faster)
+    if fix_8 == "off":
+        # Faust lets one missing offset pass, taking it for a transaction marker.
+        assert consumer.commit() == 14
+        return
+    assert consumer.commit() is None  # 11 is not done
+    assert consumer._acked[PARTITION] == [12, 13]  # kept for the commit after it
+    consumer.ack(slow)
+    assert consumer.commit() == 14
+
+
+def test_commits_go_up_to_the_first_unfinished_event():
+    consumer = NewOffsets(committed=11)
+    done = [consumer.deliver(offset) for offset in (11, 12)]
+    unfinished = consumer.deliver(13)
+    later = consumer.deliver(14)
+    for message in (*done, later):
+        consumer.ack(message)
+    assert consumer.commit() == 13
+    consumer.ack(unfinished)
+    assert consumer.commit() == 15
