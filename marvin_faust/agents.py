@@ -15,7 +15,7 @@ Per message, in order:
    the message answered is written.
 
 :class:`Answerer` holds the agent's body with every dependency explicit; :func:`declare_agent`
-registers it on an app. Up to ``MARVIN_PARALLEL`` messages are answered at once, one
+registers it on an app. Up to ``backend.parallel`` messages are answered at once, one
 conversation's strictly in order (``scheduling.run_keyed``); each event is acknowledged when it
 is done, and Faust commits an offset only once every offset before it on its partition is.
 Every failure is caught per message and dead-lettered, so nothing is acked silently and the
@@ -87,7 +87,8 @@ def declare_agent(app: MarvinApp) -> AgentT:
             stream.noack().events(),
             key=lambda event: event.message.key,  # one conversation's messages in order
             handle=answerer.handle_event,
-            limit=app.settings.parallel,
+            # MARVIN_PARALLEL, where the backend can generate that many replies at once.
+            limit=app.backend.parallel,
         ):
             yield outcome
 

@@ -247,6 +247,10 @@ class _Relay(BaseCallbackHandler):
 
 
 class LlamaCppBackend(ChatBackend):
+    """One ``llama_cpp.Llama``, which decodes one sequence and is not thread-safe: one reply
+    at a time, whatever ``MARVIN_PARALLEL`` says (``engine.BatchedEngine`` decodes several
+    sequences at once and is to take its place)."""
+
     name = "llamacpp"
 
     def __init__(
