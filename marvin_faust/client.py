@@ -210,16 +210,10 @@ class ChatClient:
             raise ChatClientError(f"no reply from Marvin within {timeout:g}s") from None
         raise ChatClientError("the reply consumer stopped")
 
-    async def replies(self) -> AsyncIterator[Reply]:
-        """Every AI record on the reply topic from the listening position on, except our own
-        (the greetings this client sent). Records that are not chat messages are skipped."""
-        async for event in self.events():
-            if isinstance(event, Reply):
-                yield event
-
     async def events(self) -> AsyncIterator[Reply | StreamChunk]:
-        """:meth:`replies`, and with ``stream=True`` the stream chunks between them, in the
-        order they arrive. Records that are neither are skipped."""
+        """Every AI record on the reply topic from the listening position on, except our own
+        (the greetings this client sent), and with ``stream=True`` the stream chunks between
+        them, in the order they arrive. Records that are neither are skipped."""
         assert self._consumer is not None, "ChatClient(listen=False) cannot wait for replies"
         async for record in self._consumer:
             if record.topic == self.stream_topic:

@@ -185,24 +185,26 @@ class ReplyStream:
         self.stream_id = stream_id
         self._pacer = ChunkPacer(interval)
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._open = True  # takes pieces until finished or abandoned
         self._reason: FinishReason | None = None
         self._index = 0
         self._task = asyncio.create_task(self._relay(), name=f"stream-{stream_id}")
 
     def push(self, delta: str) -> None:
-        if delta and self._reason is None:
+        if delta and self._open:
             self._queue.put_nowait(delta)
 
     async def finish(self, reason: FinishReason) -> None:
         """Send what is buffered as the last chunk (``done``, ``reason``); idempotent."""
-        if self._reason is None:
+        if self._open:
+            self._open = False
             self._reason = reason
             self._queue.put_nowait(self._END)
         await asyncio.shield(self._task)
 
     def abandon(self) -> None:
         """Stop sending, without a last chunk: the message will be streamed again."""
-        self._reason = self._reason or FinishReason.ERROR  # drops later pushes
+        self._open = False
         self._task.cancel()
 
     async def _relay(self) -> None:
