@@ -1,14 +1,15 @@
 """Model-path efficiency: tokens/s through the worker against a direct llama-cpp-python call.
 
-Both sides load the same GGUF with the same settings and seed (``create_backend(load_settings(
-...))``, the backend the worker builds), then answer the same prompt, one warm-up and ``runs``
-measured times, in the same order. With the same seed the sampler's state advances alike, so
-the two sides generate the same texts and the token counts match.
+Each side loads the same GGUF with the same settings and seed (``create_backend(load_settings(
+...))``, the backend the worker builds), then answers the same prompt, one warm-up and ``runs``
+measured times, in the same order. The engine seeds each reply's sampler afresh, llama-cpp-python
+once per model, so the texts may differ: tokens/s is the comparison.
 
-- direct: ``Llama.create_chat_completion(stream=True)`` on the backend's loaded model, with the
-  backend's chat format, sampling and stop sequences; first token = first content delta;
-- in-process backend: ``await backend.generate(prompt)`` (our LangChain chat model, streaming,
-  in a worker thread behind the lock): what the worker runs, minus Kafka and Faust;
+- direct: ``Llama.create_completion(stream=True)``, llama-cpp-python's high-level API on a model
+  of its own (same GGUF, context and seed), given the backend's prompt tokens, sampling and stop
+  sequences; first token = first text delta;
+- in-process backend: ``await backend.generate(prompt)`` (our LangChain models over the
+  batched engine, one conversation at a time): what the worker runs, minus Kafka and Faust;
 - worker: a ``faust -A marvin_faust worker`` process, asked over Kafka; its own figures come
   from its log lines "Answered <cid> in Xs (N tokens, T tokens/s)" and its ``/metrics``.
 
@@ -29,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from marvin_faust.conversation import build_prompt
 from marvin_faust.llm import create_backend
-from marvin_faust.llm.llamacpp import STOP_SEQUENCES, LlamaCppBackend, to_openai_messages
+from marvin_faust.llm.llamacpp import STOP_SEQUENCES, LlamaCppBackend, TemplateChatModel
 from marvin_faust.settings import Settings, load_settings
 
 from .driver import Driver
@@ -103,15 +104,29 @@ def loaded_backend(settings: Settings) -> LlamaCppBackend:
     return backend
 
 
+def direct_llama(settings: Settings, model_file: Path) -> Any:
+    """llama-cpp-python's high-level ``Llama`` as the backend's settings would configure it."""
+    import llama_cpp
+
+    return llama_cpp.Llama(
+        model_path=str(model_file),
+        n_ctx=settings.n_ctx,
+        n_gpu_layers=settings.n_gpu_layers,
+        n_threads=settings.n_threads,
+        seed=settings.seed,
+        verbose=False,
+    )
+
+
 def direct_generation(
-    backend: LlamaCppBackend, request: dict[str, Any]
+    llama: Any, backend: LlamaCppBackend, request: dict[str, Any]
 ) -> tuple[int, float, float]:
-    """One streamed ``create_chat_completion``: (tokens, seconds, seconds to first token)."""
+    """One streamed ``create_completion``: (tokens, seconds, seconds to first token)."""
     started = time.perf_counter()
     first: float | None = None
     pieces: list[str] = []
-    for chunk in backend.llama.create_chat_completion(**request, stream=True):
-        delta = chunk["choices"][0]["delta"].get("content")
+    for chunk in llama.create_completion(**request, stream=True):
+        delta = chunk["choices"][0]["text"]
         if delta:
             if first is None:
                 first = time.perf_counter() - started
@@ -151,12 +166,19 @@ def model_path(
     same sequence of calls; interleaving spreads any change in the shared machine's load
     over all sides alike. Round 0 warms up and is not counted.
     """
-    direct_backend, own_backend = loaded_backend(settings), loaded_backend(settings)
-    model_file = direct_backend.model_file
+    own_backend = loaded_backend(settings)
+    model_file = own_backend.model_file
     assert model_file is not None
+    direct = direct_llama(settings, model_file)
     prompt = build_prompt(settings.persona, [], PROMPT_TEXT)
-    request = {"messages": to_openai_messages(prompt), **direct_backend.sampling}
-    request["stop"] = STOP_SEQUENCES
+    chat_model = own_backend.chat_model
+    assert isinstance(chat_model, TemplateChatModel)
+    sampling = {key: value for key, value in own_backend.sampling.items() if key != "seed"}
+    request = {
+        "prompt": chat_model.llm.prompt_tokens(chat_model.render(prompt)),
+        **sampling,
+        "stop": STOP_SEQUENCES,
+    }
 
     env = worker_env(cluster, "model", settings, model_file)
     worker = cluster.worker(env, "model")
@@ -171,7 +193,7 @@ def model_path(
         async with Driver(cluster.bootstrap, env["MARVIN_TOPIC"], "read_committed") as driver:
             for index, cid in enumerate(cids):
                 tokens, seconds, first = await asyncio.to_thread(
-                    direct_generation, direct_backend, request
+                    direct_generation, direct, own_backend, request
                 )
                 generation = await own_backend.generate(prompt, timeout=settings.model_timeout)
                 reply = await driver.ask(cid, PROMPT_TEXT, timeout=settings.model_timeout)

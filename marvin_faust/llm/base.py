@@ -1,10 +1,10 @@
 """The backend interface the agent talks to.
 
-llama.cpp calls take seconds, so a generation never runs on the event loop: by default
-:meth:`ChatBackend._generate` runs in a worker thread, at most :attr:`ChatBackend.parallel` at
-once (1 for a model object that is not thread-safe); a backend with an engine of its own
-overrides :meth:`ChatBackend._run`. The event loop only awaits: web views, timers, commits and
-rebalances keep working meanwhile.
+llama.cpp calls take seconds, so a generation never runs on the event loop. A backend implements
+one of two hooks: :meth:`ChatBackend._generate`, blocking, which runs in a worker thread, at most
+:attr:`ChatBackend.parallel` at once (the stand-in); or :meth:`ChatBackend._run`, a coroutine,
+for a backend with an engine of its own (llama.cpp). The event loop only awaits: web views,
+timers, commits and rebalances keep working meanwhile.
 """
 
 from __future__ import annotations
@@ -83,11 +83,14 @@ class ChatBackend(ABC):
     def _load(self) -> None:  # noqa: B027 - optional hook, most stand-ins have nothing to load
         pass
 
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free the model (blocking). The worker leaves it to the process's exit: closing
+        while the agent still awaits a reply would fail that reply and dead-letter it."""
+
     @abstractmethod
     def count_tokens(self, text: str) -> int:
         """Tokens in ``text`` by the model's own tokenizer."""
 
-    @abstractmethod
     def _generate(
         self,
         messages: Sequence[BaseMessage],
@@ -97,6 +100,7 @@ class ChatBackend(ABC):
     ) -> Generation:
         """Produce a reply, blocking, passing each new piece of text to ``on_token`` as it
         comes (in this thread). Stop early once ``cancel`` is set."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither _generate nor _run")
 
     async def _run(
         self,
@@ -105,14 +109,16 @@ class ChatBackend(ABC):
         on_token: TokenSink,
         conversation_id: str | None,
     ) -> Generation:
-        """One generation off the event loop: :meth:`_generate` in a worker thread, once one
-        of the :attr:`parallel` slots is free."""
+        """One generation, awaited on the event loop, which calls ``on_token`` with each piece
+        of text. By default :meth:`_generate` in a worker thread, once one of the
+        :attr:`parallel` slots is free."""
+        sink = on_token if on_token is ignore_tokens else self._on_loop(on_token, cancel)
 
         def run() -> Generation:
             with self._slots:
                 if cancel.is_set():  # gave up while waiting for a slot
                     raise ModelTimeout("cancelled before it started")
-                return self._generate(messages, cancel, on_token, conversation_id)
+                return self._generate(messages, cancel, sink, conversation_id)
 
         return await asyncio.to_thread(run)
 
@@ -133,7 +139,7 @@ class ChatBackend(ABC):
             raise ModelError(f"{self.name} model is not loaded")
         cancel = threading.Event()
         started = time.monotonic()
-        sink = ignore_tokens if on_token is None else self._on_loop(on_token, cancel)
+        sink = on_token or ignore_tokens
         try:
             return await asyncio.wait_for(
                 self._run(messages, cancel, sink, conversation_id), timeout

@@ -25,6 +25,7 @@ def create_backend(settings: Settings) -> ChatBackend:
             repo=settings.model_repo,
             filename=settings.model_file,
         ),
+        parallel=settings.parallel,
         prompt_format=settings.prompt_format,
         n_ctx=settings.n_ctx,
         n_gpu_layers=settings.n_gpu_layers,
