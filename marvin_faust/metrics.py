@@ -45,6 +45,13 @@ class Metrics:
             buckets=(1, 2, 5, 10, 20, 30, 40, 50, 75, 100, 200, 500, 1000),
             registry=self.registry,
         )
+        self.prompt_tokens = Counter(
+            "marvin_model_prompt_tokens",
+            "Prompt tokens of the replies: 'evaluated' by the model, or 'reused' from the "
+            "conversation's KV cache of its last turn.",
+            ["cache"],
+            registry=self.registry,
+        )
         self.active_conversations = Gauge(
             "marvin_active_conversations",
             "Conversations with stored history in this worker's table partitions.",
@@ -57,3 +64,6 @@ class Metrics:
             self.model_first_token.observe(generation.first_token_seconds)
         if generation.seconds > 0:
             self.model_tokens_per_second.observe(generation.tokens_per_second)
+        evaluated = generation.prompt_tokens - generation.reused_tokens
+        self.prompt_tokens.labels(cache="evaluated").inc(evaluated)
+        self.prompt_tokens.labels(cache="reused").inc(generation.reused_tokens)

@@ -46,6 +46,8 @@ class Generation:
     seconds: float
     first_token_seconds: float | None = None
     finish_reason: str = "stop"  # or "length": the reply hit MARVIN_MAX_TOKENS
+    prompt_tokens: int = 0  # 0 where the backend does not count them
+    reused_tokens: int = 0  # of prompt_tokens, served from a cache (llama.cpp's KV reuse)
 
     @property
     def tokens_per_second(self) -> float:

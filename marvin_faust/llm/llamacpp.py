@@ -442,4 +442,6 @@ class LlamaCppBackend(ChatBackend):
             seconds=time.perf_counter() - relay.started,
             first_token_seconds=relay.first_token_seconds,
             finish_reason=relay.info["finish_reason"],
+            prompt_tokens=relay.info["prompt_tokens"],
+            reused_tokens=relay.info["reused_tokens"],
         )
