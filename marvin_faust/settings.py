@@ -98,7 +98,7 @@ class Settings(BaseSettings):
         le=64,
         description=(
             "Conversations one worker answers at once (one conversation's messages in order); "
-            "llama.cpp decodes them in one batch."
+            "llama.cpp decodes them in one batch, each with its own MARVIN_N_CTX."
         ),
     )
     standby_replicas: int = Field(
@@ -166,7 +166,14 @@ class Settings(BaseSettings):
     prompt_format: Literal["auto", "template", "llama-2", "plain"] = Field(
         "auto", description="auto: the GGUF's template, else llama-2 for Llama-2 chat, else plain."
     )
-    n_ctx: int = Field(2048, ge=128, description="Context window in tokens.")
+    n_ctx: int = Field(
+        2048,
+        ge=128,
+        description=(
+            "Context window of one conversation in tokens, prompt and reply; the KV cache holds "
+            "MARVIN_N_CTX x MARVIN_PARALLEL."
+        ),
+    )
     n_gpu_layers: int = Field(-1, ge=-1, description="-1 = all on the GPU.")
     n_threads: int | None = Field(None, ge=1, description="llama.cpp threads; empty = its default.")
     max_tokens: int = Field(250, ge=1, description="Longest reply in tokens.")

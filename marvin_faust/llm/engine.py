@@ -31,12 +31,13 @@ Design:
   put any batch of several tokens on the prompt threads, whose barriers spin after every graph
   node: when the event loop or another process takes a core, such a step took five to fifteen
   times as long here.
-- **Unified KV cache.** ``kv_unified`` lets every sequence use the whole ``n_ctx`` (instead of
-  ``n_ctx / n_parallel``): the sequences share its cells. When a step finds no free cell
-  (``llama_decode`` returns 1), the least recently used idle slot is evicted and the step retried;
-  when no idle slot is left, the youngest request fails with :class:`EngineError` and the others
-  go on. Models with sliding-window attention (Gemma 3) get ``swa_full``: a partial
-  ``llama_memory_seq_rm`` can fail on a window-sized cache.
+- **Unified KV cache.** ``n_ctx`` is each sequence's context; the cache has ``kv_size`` cells,
+  ``n_ctx * n_parallel`` by default, which the sequences share (``kv_unified``): so the running
+  replies always fit, and the cells they do not use keep idle sessions' caches. When a step finds
+  no free cell (``llama_decode`` returns 1), the least recently used idle slot is evicted and the
+  step retried; when no idle slot is left (only with a smaller ``kv_size``), the youngest request
+  fails with :class:`EngineError` and the others go on. Models with sliding-window attention
+  (Gemma 3) get ``swa_full``: a partial ``llama_memory_seq_rm`` can fail on a window-sized cache.
 - **Text.** Pieces from ``llama_token_to_piece`` can split a UTF-8 character, so each reply has an
   incremental UTF-8 decoder; text that may still begin a stop sequence is held back too.
   ``on_piece``, called on the decode thread, receives only final text: its pieces add up to
@@ -153,17 +154,19 @@ class BatchedEngine:
         n_gpu_layers: int = -1,
         n_threads: int | None = None,
         n_batch: int = 512,
+        kv_size: int | None = None,
     ) -> None:
         """Load the model and make the context; raises :class:`EngineError` if llama.cpp cannot.
 
-        ``n_threads``: ``None`` generates on half the cores and evaluates prompts on all of them;
-        a number is used for both.
+        ``n_ctx``: tokens of one sequence, prompt and reply. ``kv_size``: cells of the shared KV
+        cache, ``n_ctx * n_parallel`` by default. ``n_threads``: ``None`` generates on half the
+        cores and evaluates prompts on all of them; a number is used for both.
         """
         if not 1 <= n_parallel <= n_batch:
             raise EngineError(f"need 1 <= n_parallel <= n_batch, got {n_parallel} and {n_batch}")
         self._llama = _Llama(
             model_path,
-            n_ctx=n_ctx,
+            kv_size=kv_size or n_ctx * n_parallel,
             n_parallel=n_parallel,
             n_gpu_layers=n_gpu_layers,
             n_threads=n_threads,
@@ -171,7 +174,8 @@ class BatchedEngine:
             should_abort=self._should_abort,
         )
         self.metadata: dict[str, str] = self._llama.metadata()
-        self.n_ctx = self._llama.n_ctx
+        self.n_ctx = n_ctx
+        self.kv_size = self._llama.kv_size
         self._n_batch = n_batch
         self._slots = [_Slot(seq) for seq in range(n_parallel)]
         self._queue: deque[_Request] = deque()
@@ -475,7 +479,7 @@ class BatchedEngine:
             return
         youngest = max(self._running(), key=lambda slot: _job(slot).admitted)
         self._clear(youngest)
-        self._end(youngest, error=EngineError(f"the context of {self.n_ctx} tokens is full"))
+        self._end(youngest, error=EngineError(f"the KV cache of {self.kv_size} cells is full"))
 
     def _clear(self, slot: _Slot) -> None:
         self._llama.forget(slot.seq, 0)
@@ -620,7 +624,7 @@ class _Llama:
         self,
         model_path: str,
         *,
-        n_ctx: int,
+        kv_size: int,
         n_parallel: int,
         n_gpu_layers: int,
         n_threads: int | None,
@@ -652,24 +656,24 @@ class _Llama:
         self._prompt_threads = n_threads or cpus
         self._prompt_step: bool | None = None
         self.ctx: llama_cpp.llama_context_p = llama_cpp.llama_init_from_model(
-            self.model, self._context_params(n_ctx, n_parallel, n_batch)
+            self.model, self._context_params(kv_size, n_parallel, n_batch)
         )
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
             raise EngineError(
-                f"llama.cpp could not make a context of {n_ctx} tokens for {n_parallel} sequences"
+                f"llama.cpp could not make a context of {kv_size} tokens for {n_parallel} sequences"
             )
-        self.n_ctx: int = llama_cpp.llama_n_ctx(self.ctx)
+        self.kv_size: int = llama_cpp.llama_n_ctx(self.ctx)
         self.mem: llama_cpp.llama_memory_t = llama_cpp.llama_get_memory(self.ctx)
         self.batch: llama_cpp.llama_batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._batch_size = 0
         self.closed = False
 
     def _context_params(
-        self, n_ctx: int, n_parallel: int, n_batch: int
+        self, kv_size: int, n_parallel: int, n_batch: int
     ) -> llama_cpp.llama_context_params:
         params = self.lib.llama_context_default_params()
-        params.n_ctx = n_ctx
+        params.n_ctx = kv_size
         params.n_batch = n_batch
         params.n_ubatch = min(n_batch, 512)  # as llama-cpp-python
         params.n_seq_max = n_parallel

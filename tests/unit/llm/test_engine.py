@@ -326,7 +326,7 @@ def test_a_prompt_longer_than_the_context_fails_alone(engine: BatchedEngine) -> 
 def test_a_full_context_evicts_idle_caches_then_fails_the_youngest(
     new_engine: Callable[..., BatchedEngine],
 ) -> None:
-    engine = new_engine(n_ctx=256, n_parallel=2)
+    engine = new_engine(n_ctx=256, n_parallel=2, kv_size=256)
     words = engine.tokenize("one two three four " * 100, add_bos=False, special=False)
 
     def sized(n: int) -> list[int]:
@@ -342,9 +342,22 @@ def test_a_full_context_evicts_idle_caches_then_fails_the_youngest(
     # later the cache is full.
     older = engine.submit(sized(120), forty)
     younger = engine.submit(sized(120), forty)
-    with pytest.raises(EngineError, match="context of 256 tokens is full"):
+    with pytest.raises(EngineError, match="KV cache of 256 cells is full"):
         younger.result(timeout=60)
     assert older.result(timeout=60).finish_reason == "length"
+
+
+def test_by_default_every_sequence_has_its_whole_context(
+    new_engine: Callable[..., BatchedEngine],
+) -> None:
+    engine = new_engine(n_ctx=256, n_parallel=2)
+    assert engine.kv_size == 512
+    words = engine.tokenize("one two three four " * 100, add_bos=False, special=False)
+    full = [engine.token_bos(), *words[:199]]
+    forty = Sampling(max_tokens=40, temperature=0)
+    # Two replies of 240 tokens each: with 256 cells in all, one of them failed above.
+    replies = [engine.submit(full, forty, session=name) for name in "ab"]
+    assert [reply.result(timeout=60).completion_tokens for reply in replies] == [40, 40]
 
 
 def test_close_fails_the_running_and_queued_requests(
