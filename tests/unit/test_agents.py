@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from unittest.mock import AsyncMock
 
 import pytest
@@ -172,6 +173,9 @@ async def test_a_model_timeout_is_dead_lettered(agent, monkeypatch):
     monkeypatch.setattr(
         agent.answerer, "settings", agent.settings.model_copy(update={"model_timeout": 0.2})
     )
+    # One generation at a time: if the timeout did not stop the hung one, the next message
+    # would wait for its slot, time out too, and be dead-lettered instead of answered.
+    monkeypatch.setattr(agent.answerer.backend, "_slots", threading.BoundedSemaphore(1))
     await agent.put(wire("c9", f"wait {HANG_MARKER}"), key=b"c9")
     assert reasons(agent) == [reasons(agent)[0]]
     assert reasons(agent)[0].startswith("model failed: no reply after")
