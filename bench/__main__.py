@@ -321,7 +321,7 @@ def run_model(cluster: Cluster, args: argparse.Namespace, out: dict[str, Any]) -
     out.update(
         prompt=model.PROMPT_TEXT,
         rows=[
-            {"path": "direct create_chat_completion", **sides["direct"].as_dict()},
+            {"path": "direct create_completion", **sides["direct"].as_dict()},
             {"path": "in-process backend.generate", **sides["backend"].as_dict()},
             {"path": "worker (its log and /metrics)", **sides["worker"].as_dict()},
             {"path": "worker, end to end over Kafka", **sides["end_to_end"].as_dict()},
