@@ -263,9 +263,11 @@ async def say(
 async def webchat(self: AppCommand, port: int | None, bind: str | None) -> None:
     """Serve the web chat page: a front end of its own that reaches Marvin only through Kafka."""
     quiet_kafka_logs()
+    # --port and --bind are in the settings already (app.cli_overrides), checked there: a
+    # non-loopback address without MARVIN_API_TOKEN stops the start.
+    settings = self.app.settings
     try:
-        settings = self.app.settings
-        await serve_webchat(settings, bind or settings.webchat_bind, port or settings.webchat_port)
+        await serve_webchat(settings, settings.webchat_bind, settings.webchat_port)
     except ChatClientError as exc:
         fail(str(exc))
     except OSError as exc:  # e.g. the port is taken
