@@ -162,8 +162,11 @@ def faust_options(settings: Settings) -> dict[str, Any]:
         "web_host": socket.gethostname()
         if settings.web_bind in ("0.0.0.0", "::")
         else settings.web_bind,
-        # /table/... would serve every conversation with no authentication.
+        # /table/... would serve every conversation with no authentication, /router/... every
+        # worker's URL and partitions. table_route does not need /router/: it finds a key's
+        # worker in the local assignor and forwards the request there.
         "web_tables_enabled": False,
+        "web_router_enabled": False,
         # One event takes seconds: fetch few records at a time and only call an event stuck
         # well after the model would have timed out.
         "broker_max_poll_records": settings.max_poll_records,

@@ -6,8 +6,11 @@
   before it is routed anywhere.
 - ``GET /health/``: liveness. ``GET /ready/``: readiness (tables recovered, model loaded).
 - ``GET /metrics``: Prometheus text (set up in ``app.py``).
+- ``GET /``: Faust's production index, ``{"status": "OK"}``.
 
-Faust's built-in ``/table/...`` routes are switched off in ``app.py``.
+Faust's built-in ``/table/...`` and ``/router/...`` routes are switched off in ``app.py``: the
+first serves every conversation, the second every worker's URL and partitions, both with no
+authentication. ``tests/e2e/test_views.py`` checks that these are all the routes there are.
 """
 
 from __future__ import annotations
