@@ -405,6 +405,9 @@ def test_hostile_conversation_ids_get_400_and_never_reach_the_worker(
             status, text = raw_request(chat.url, "GET", f"/api/conversations/{cid}/history")
             assert (status, json.loads(text)) == (200, {"conversation_id": cid, "turns": []})
             assert fake_worker.requests == [(f"/conversations/{cid}/", f"Bearer {TOKEN}")]
+            for path in (f"/c/{cid}", f"/?c={cid}"):  # and the page opens on it
+                status, text = raw_request(chat.url, "GET", path)
+                assert status == 200 and "<html" in text, path
         finally:
             code = chat.stop()
         assert code == 0, chat.log_path.read_text()
