@@ -28,7 +28,7 @@ from .llm import ChatBackend, ModelLoadError, create_backend
 from .metrics import Metrics
 from .partitioners import partitioner_named
 from .security import CredentialsCheck, broker_credentials
-from .settings import Settings, SettingsError, load_settings
+from .settings import Settings, SettingsError, load_settings, unguarded_bind_problem
 from .streaming import StreamPublisher
 from .tables import HistoryTable, declare_history
 from .topics import Topics, declare_topics
@@ -162,8 +162,11 @@ def faust_options(settings: Settings) -> dict[str, Any]:
         "web_host": socket.gethostname()
         if settings.web_bind in ("0.0.0.0", "::")
         else settings.web_bind,
-        # /table/... would serve every conversation with no authentication.
+        # /table/... would serve every conversation with no authentication, /router/... every
+        # worker's URL and partitions. table_route does not need /router/: it finds a key's
+        # worker in the local assignor and forwards the request there.
         "web_tables_enabled": False,
+        "web_router_enabled": False,
         # One event takes seconds: fetch few records at a time and only call an event stuck
         # well after the model would have timed out.
         "broker_max_poll_records": settings.max_poll_records,
@@ -216,34 +219,78 @@ def create_app(settings: Settings, backend: ChatBackend | None = None) -> Marvin
     return app
 
 
-def cli_overrides(argv: Sequence[str]) -> dict[str, Any]:
-    """Faust's own command-line options that are also settings: ``--datadir``/``-D`` before
-    the command, ``--web-port``/``-p`` and ``--web-bind``/``-b`` after ``worker``. They win
-    over ``MARVIN_*`` variables, as a command line does.
+# Faust's options before the command that take a value (faust/cli/base.py).
+_GLOBAL_OPTIONS_WITH_VALUE = frozenset(
+    {"--app", "-A", "--workdir", "-W", "--datadir", "-D", "--loop", "-L"}
+    | {"--logfile", "-f", "--loglevel", "-l", "--blocking-timeout", "--console-port"}
+)
 
-    Faust builds the app before it applies these itself (and never applies ``--datadir`` to
-    an app with a data dir of its own), so they are read here, the way Faust finds ``-A``.
-    """
-    names = {"--datadir": "data_dir", "-D": "data_dir"}
-    worker_names = {
+# Options of a command that are also settings, by command; ``--datadir``/``-D`` anywhere.
+_COMMAND_OPTIONS = {
+    "worker": {
         "--web-port": "web_port",
         "-p": "web_port",
         "--web-bind": "web_bind",
         "-b": "web_bind",
-    }
+    },
+    "webchat": {"--port": "webchat_port", "--bind": "webchat_bind"},
+}
+_GLOBAL_OPTIONS = {"--datadir": "data_dir", "-D": "data_dir"}
+
+# The setting that holds the address a command serves HTTP on.
+SERVED_ADDRESS = {"worker": "web_bind", "webchat": "webchat_bind"}
+
+
+def cli_command(argv: Sequence[str]) -> tuple[int, str]:
+    """The command of ``argv`` (``worker``, ``webchat``, ``chat``...) and where it is: the first
+    argument that is neither one of Faust's options nor an option's value; ``(len(argv), "")``
+    when there is none."""
+    value_next = False
+    for index, arg in enumerate(argv[1:], start=1):
+        if value_next:
+            value_next = False
+        elif arg.startswith("-"):
+            value_next = "=" not in arg and arg in _GLOBAL_OPTIONS_WITH_VALUE
+        else:
+            return index, arg
+    return len(argv), ""
+
+
+def cli_overrides(argv: Sequence[str]) -> dict[str, Any]:
+    """Command-line options that are also settings: Faust's ``--datadir``/``-D`` before the
+    command, ``--web-port``/``-p`` and ``--web-bind``/``-b`` after ``worker``, ``--port`` and
+    ``--bind`` after ``webchat``. They win over ``MARVIN_*`` variables, as a command line does.
+
+    Faust builds the app before it applies its own options (and never applies ``--datadir`` to
+    an app with a data dir of its own), so they are read here, the way Faust finds ``-A``.
+    """
+    at, command = cli_command(argv)
     found: dict[str, Any] = {}
-    in_worker = False
-    args = list(argv[1:])
-    for index, arg in enumerate(args):
-        if arg == "worker":
-            in_worker = True
-        known = {**names, **(worker_names if in_worker else {})}
+    for index, arg in enumerate(argv[1:], start=1):
+        known = _GLOBAL_OPTIONS
+        if index > at:
+            known = {**_GLOBAL_OPTIONS, **_COMMAND_OPTIONS.get(command, {})}
         option, equals, inline = arg.partition("=")
         if option in known:
-            value = inline if equals else (args[index + 1] if index + 1 < len(args) else None)
+            value = inline if equals else (argv[index + 1] if index + 1 < len(argv) else None)
             if value is not None:
                 found[known[option]] = value
     return found
+
+
+def command_settings(argv: Sequence[str]) -> Settings:
+    """The settings of the command line ``argv``: the environment, then its options.
+
+    A command that serves HTTP (a worker, the web chat) on a non-loopback address needs
+    ``MARVIN_API_TOKEN`` (or ``MARVIN_ALLOW_UNAUTHENTICATED``); without, it is a bad setting.
+    Raises :class:`SettingsError`.
+    """
+    settings = load_settings(**cli_overrides(argv))
+    served = SERVED_ADDRESS.get(cli_command(argv)[1])
+    problem = unguarded_bind_problem(settings, served) if served else None
+    if problem is not None:
+        raise SettingsError(f"invalid settings: {problem}")
+    return settings
 
 
 _current: MarvinApp | None = None
@@ -255,7 +302,7 @@ def current_app() -> MarvinApp:
     global _current
     if _current is None:
         try:
-            _current = create_app(load_settings(**cli_overrides(sys.argv)))
+            _current = create_app(command_settings(sys.argv))
         except (SettingsError, faust_fixes.FaustVersionError) as exc:
             print(f"marvin-faust: {exc}", file=sys.stderr)
             raise SystemExit(2) from None

@@ -18,6 +18,7 @@ from faust.cli.faust import cli as faust_cli
 
 from . import broker
 from .client import ChatClient, ChatClientError
+from .models import conversation_id_problem
 from .streaming import StreamChunk, printable
 from .webchat import serve as serve_webchat
 
@@ -50,6 +51,14 @@ def fail(message: str) -> None:
     """One clear line on stderr and a non-zero exit."""
     click.echo(f"marvin-faust: {message}", err=True)
     raise SystemExit(1)
+
+
+def check_conversation_id(conversation_id: str | None) -> None:
+    """Stop with one line when a conversation id given on the command line is not valid."""
+    if conversation_id is not None:
+        problem = conversation_id_problem(conversation_id)
+        if problem is not None:
+            fail(f"invalid conversation id: {problem}")
 
 
 def quiet_kafka_logs() -> None:
@@ -139,6 +148,7 @@ class LiveReply:
 )
 async def greet(self: AppCommand, conversation_id: str | None) -> None:
     """Open a conversation: send Marvin's greeting and print the new conversation id."""
+    check_conversation_id(conversation_id)
     quiet_kafka_logs()
     try:
         async with ChatClient(self.app.settings, listen=False) as client:
@@ -164,6 +174,7 @@ async def chat(self: AppCommand, conversation_id: str | None, timeout: float) ->
 
     Type a line and press Enter; /quit or Ctrl-D ends the chat.
     """
+    check_conversation_id(conversation_id)
     quiet_kafka_logs()
     try:
         async with ChatClient(self.app.settings, stream=True) as client:
@@ -220,6 +231,7 @@ async def say(
     """Send one message to a conversation and print Marvin's reply (for scripts)."""
     if as_json and stream:
         fail("--json and --stream exclude each other: a record is printed whole")
+    check_conversation_id(conversation_id)
     quiet_kafka_logs()
     live = LiveReply("", sys.stdout)
     try:
@@ -251,9 +263,11 @@ async def say(
 async def webchat(self: AppCommand, port: int | None, bind: str | None) -> None:
     """Serve the web chat page: a front end of its own that reaches Marvin only through Kafka."""
     quiet_kafka_logs()
+    # --port and --bind are in the settings already (app.cli_overrides), checked there: a
+    # non-loopback address without MARVIN_API_TOKEN stops the start.
+    settings = self.app.settings
     try:
-        settings = self.app.settings
-        await serve_webchat(settings, bind or settings.webchat_bind, port or settings.webchat_port)
+        await serve_webchat(settings, settings.webchat_bind, settings.webchat_port)
     except ChatClientError as exc:
         fail(str(exc))
     except OSError as exc:  # e.g. the port is taken

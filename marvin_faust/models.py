@@ -15,6 +15,7 @@ the topic would crash the agent on the first value that fails to deserialize.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,13 @@ import faust
 
 MESSAGE_ID_HEADER = "uuid"
 IN_REPLY_TO_HEADER = "in-reply-to"
+
+# A conversation id becomes a URL path segment (the worker's view, the web chat's routes) and a
+# table key: ASCII letters, digits, '-', '_' and '.', not starting with '.', so that no id can
+# be '..', carry a '/', '?', '#', '%' or a space, or change the meaning of a URL. uuid4 strings,
+# what the front ends make, are 36 of these characters.
+CONVERSATION_ID_MAX_CHARS = 128
+_CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 class ChatMessage(faust.Record, serializer="json", include_metadata=False):
@@ -56,6 +64,27 @@ def now_ns() -> int:
 
 def new_message_id() -> str:
     return str(uuid.uuid4())
+
+
+def conversation_id_problem(conversation_id: str) -> str | None:
+    """Why ``conversation_id`` is not a valid conversation id, or None when it is.
+
+    The one definition of a valid id, used by every entry point: the agent (a record with a bad
+    id is dead-lettered with this reason), the worker's view and the web chat (400), the CLI.
+    """
+    if not conversation_id:
+        return "empty conversation_id"
+    if len(conversation_id) > CONVERSATION_ID_MAX_CHARS:
+        return (
+            f"conversation_id has {len(conversation_id)} characters, "
+            f"the limit is {CONVERSATION_ID_MAX_CHARS}"
+        )
+    if not _CONVERSATION_ID.fullmatch(conversation_id):
+        return (
+            f"conversation_id {conversation_id!r} may only hold ASCII letters, digits, "
+            "'-', '_' and '.' (not first)"
+        )
+    return None
 
 
 def make_message(conversation_id: str, role: str, text: str) -> ChatMessage:
@@ -94,8 +123,9 @@ def parse_chat_message(value: bytes | None, *, max_text_chars: int) -> ChatMessa
         raise BadMessage("empty text")
     if len(text) > max_text_chars:
         raise BadMessage(f"text has {len(text)} characters, the limit is {max_text_chars}")
-    if not document["conversation_id"]:
-        raise BadMessage("empty conversation_id")
+    problem = conversation_id_problem(document["conversation_id"])
+    if problem is not None:
+        raise BadMessage(problem)
     return ChatMessage(**{field: document[field] for field in _REQUIRED})
 
 

@@ -8,6 +8,7 @@ is wrong with it.
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 from pathlib import Path
 from typing import Literal
@@ -143,6 +144,13 @@ class Settings(BaseSettings):
     web_bind: str = Field("127.0.0.1", description="Address the web server binds to.")
     web_port: int = Field(6066, ge=1, le=65535, description="Port of the Faust web server.")
     api_token: str | None = Field(None, description="Bearer token for the conversation views.")
+    allow_unauthenticated: bool = Field(
+        False,
+        description=(
+            "UNSAFE: let a worker or web chat listen on a non-loopback address with no "
+            "MARVIN_API_TOKEN; whoever reaches its port reads the conversations."
+        ),
+    )
 
     # -- Web chat front end (``marvin-faust webchat``, a process of its own) -----------------------
     webchat_bind: str = Field("127.0.0.1", description="Address the web chat binds to.")
@@ -265,6 +273,31 @@ class Settings(BaseSettings):
     def bootstrap_servers(self) -> str:
         """The broker list in the form aiokafka takes."""
         return ",".join(url.removeprefix("kafka://") for url in self.broker.split(";"))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address: 127.0.0.0/8, ::1 or the name localhost."""
+    name = host.strip().removeprefix("[").removesuffix("]").rstrip(".").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:  # another host name, a wildcard like "" or not an address at all
+        return False
+
+
+def unguarded_bind_problem(settings: Settings, bind_field: str) -> str | None:
+    """Why a server may not listen on the address in ``bind_field`` (``web_bind``: a worker;
+    ``webchat_bind``: the web chat), or None: a non-loopback address needs
+    ``MARVIN_API_TOKEN``, unless ``MARVIN_ALLOW_UNAUTHENTICATED`` says to serve without."""
+    bind = getattr(settings, bind_field)
+    if settings.api_token or settings.allow_unauthenticated or is_loopback(bind):
+        return None
+    return (
+        f"{ENV_PREFIX}{bind_field.upper()}={bind!r} is not a loopback address and "
+        "MARVIN_API_TOKEN is not set: set it, or MARVIN_ALLOW_UNAUTHENTICATED=1 to serve without "
+        "it (unsafe: whoever reaches the port can read the conversations)"
+    )
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -2,11 +2,15 @@
 
 - ``GET /conversations/{id}/[?limit=N]``: the stored history, JSON; routed by ``table_route`` to
   the worker that owns the key's partition. Requires ``Authorization: Bearer <token>`` when
-  ``MARVIN_API_TOKEN`` is set.
+  ``MARVIN_API_TOKEN`` is set; an invalid id (``models.conversation_id_problem``) gets 400
+  before it is routed anywhere.
 - ``GET /health/``: liveness. ``GET /ready/``: readiness (tables recovered, model loaded).
 - ``GET /metrics``: Prometheus text (set up in ``app.py``).
+- ``GET /``: Faust's production index, ``{"status": "OK"}``.
 
-Faust's built-in ``/table/...`` routes are switched off in ``app.py``.
+Faust's built-in ``/table/...`` and ``/router/...`` routes are switched off in ``app.py``: the
+first serves every conversation, the second every worker's URL and partitions, both with no
+authentication. ``tests/e2e/test_views.py`` checks that these are all the routes there are.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from functools import wraps
 from typing import TYPE_CHECKING, Any
 
 from faust.web import Request, Response, View
+
+from .models import conversation_id_problem
 
 if TYPE_CHECKING:
     from .app import MarvinApp
@@ -46,6 +52,22 @@ def require_token(token: str | None) -> Callable[[Handler], Handler]:
     return decorate
 
 
+def valid_conversation_id(match_info: str) -> Callable[[Handler], Handler]:
+    """400 when the path's ``match_info`` is not a valid conversation id."""
+
+    def decorate(handler: Handler) -> Handler:
+        @wraps(handler)
+        async def checked(view: View, request: Request, **kwargs: Any) -> Response:
+            problem = conversation_id_problem(request.match_info[match_info])
+            if problem is not None:
+                return view.json({"error": f"invalid conversation id: {problem}"}, status=400)
+            return await handler(view, request, **kwargs)
+
+        return checked
+
+    return decorate
+
+
 def parse_limit(raw: str | None) -> int | None:
     """``?limit=N``: a positive whole number, or absent. Raises ValueError with the reason."""
     if raw is None:
@@ -60,6 +82,7 @@ def declare_views(app: MarvinApp) -> None:
 
     @app.page("/conversations/{conversation_id}/")
     @require_token(app.settings.api_token)
+    @valid_conversation_id("conversation_id")  # before table_route sends it to another worker
     @app.table_route(table=history, match_info="conversation_id")
     async def conversation(view: View, request: Request, conversation_id: str) -> Response:
         try:

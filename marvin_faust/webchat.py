@@ -23,6 +23,11 @@ Routes:
 - ``GET /api/conversations/{id}/history``: the stored history, from the worker's
   ``/conversations/{id}/`` view (with ``MARVIN_API_TOKEN`` as a bearer token when set).
 
+Every route with a conversation id answers 400 when the id is not a valid one
+(``models.conversation_id_problem``): an id such as ``x%3Flimit=1`` or ``..%2Fhealth`` would
+otherwise reach other paths of the worker with the bearer token attached. The id is also quoted
+where it goes into the worker's URL.
+
 One Kafka consumer per process (``ChatClient``'s, with no group, positioned at the end when the
 process starts) reads the reply topic and the stream topic and fans each AI record and chunk out
 to the open pages of its conversation. The page grows a reply's bubble chunk by chunk, starts it
@@ -42,20 +47,22 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
 
 from .client import ChatClient, ChatClientError, Reply
-from .models import ChatMessage
+from .models import ChatMessage, conversation_id_problem
 from .settings import Settings
 from .streaming import StreamChunk
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
-# Path segment of a conversation id; the worker's view takes the same.
-CONVERSATION_ID = r"[^/]{1,200}"
+# Path segment(s) of a conversation id: anything, so that an id with a '/' is refused with a
+# 400 that says why (``checked_conversation_ids``) rather than a bare 404.
+CONVERSATION_ID = r".+"
 HEARTBEAT_SECONDS = 15.0  # an SSE comment this often finds closed connections
 # Replies and chunks buffered for one slow page; the history covers a dropped reply.
 SUBSCRIBER_QUEUE = 1000
@@ -175,7 +182,16 @@ def error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-async def page(request: web.Request) -> web.FileResponse:
+def refusal(conversation_id: str | None) -> web.Response | None:
+    """A 400 for an invalid conversation id; None for a valid one or none."""
+    problem = None if conversation_id is None else conversation_id_problem(conversation_id)
+    return None if problem is None else error(400, f"invalid conversation id: {problem}")
+
+
+async def page(request: web.Request) -> web.StreamResponse:
+    refused = refusal(request.query.get("c"))  # /?c={id}; /c/{id} is checked by the middleware
+    if refused is not None:
+        return refused
     return web.FileResponse(STATIC_DIR / "index.html", headers=SECURITY_HEADERS)
 
 
@@ -265,7 +281,9 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
 async def history(request: web.Request) -> web.Response:
     settings, http = request.app[SETTINGS], request.app[HTTP]
     conversation_id = request.match_info["conversation_id"]
-    url = f"{settings.worker_url.rstrip('/')}/conversations/{conversation_id}/"
+    # The id is valid (checked_conversation_ids), so quoting changes nothing; it keeps the path
+    # one segment should the rule ever change.
+    url = f"{settings.worker_url.rstrip('/')}/conversations/{quote(conversation_id, safe='')}/"
     headers = {"Authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
     try:
         async with http.get(url, headers=headers) as response:
@@ -295,9 +313,16 @@ async def security_headers(request: web.Request, handler: Any) -> web.StreamResp
     return response
 
 
+@web.middleware
+async def checked_conversation_ids(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every route with a conversation id in its path takes only valid ones."""
+    refused = refusal(request.match_info.get("conversation_id"))
+    return refused if refused is not None else await handler(request)
+
+
 def create_webchat(settings: Settings) -> web.Application:
     """The aiohttp application; Kafka and HTTP clients start with it and stop with it."""
-    app = web.Application(middlewares=[security_headers])
+    app = web.Application(middlewares=[security_headers, checked_conversation_ids])
     app[SETTINGS] = settings
     cid = "{conversation_id:" + CONVERSATION_ID + "}"
     app.router.add_get("/", page)

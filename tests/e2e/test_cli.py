@@ -170,6 +170,29 @@ def test_unreachable_broker_and_missing_topic_fail_with_one_line(kafka_broker, w
     ]
 
 
+def test_an_invalid_conversation_id_fails_with_one_line_before_kafka(worker_env):
+    [closed_port] = free_ports(1)
+    # No broker at that address: the id is refused before anything connects.
+    env = cli_env(worker_env, MARVIN_BROKER=f"kafka://127.0.0.1:{closed_port}")
+    for args in (
+        ["say", "../health", "Hello"],
+        ["chat", "a/b"],
+        ["greet", "--conversation-id=a b"],
+    ):
+        result = subprocess.run(
+            [MARVIN, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            stdin=subprocess.DEVNULL,
+        )
+        assert result.returncode == 1, args
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith("marvin-faust: invalid conversation id: conversation_id '"), line
+        assert "may only hold ASCII letters, digits" in line
+
+
 def test_chat_shows_the_first_words_before_the_reply_is_complete(start_worker, worker_env):
     start_worker(MARVIN_STANDIN_LATENCY="5")  # a reply takes 5 s to write
     child = spawn_chat(cli_env(worker_env))

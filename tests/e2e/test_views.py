@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import time
 import uuid
+from urllib.parse import quote
 
 import pytest
 
 from marvin_faust.testing.kafka import ask
+from marvin_faust.testing.processes import settings_of
 from marvin_faust.testing.web import counter, get
 
 pytestmark = pytest.mark.kafka
+
+TOKEN = "s3cret"
+# Every route of the worker's web server, and who gets an answer: anyone (probes), or only
+# a request with the token. A route missing here fails test_every_route_... below.
+OPEN, GUARDED = "open", "token"
+ROUTES = {
+    "/": OPEN,  # Faust's production index: {"status": "OK"}
+    "/health/": OPEN,
+    "/ready/": OPEN,
+    "/metrics": OPEN,
+    "/conversations/{conversation_id}/": GUARDED,
+}
+# Faust's built-in routes that are switched off.
+FAUST_ROUTES_OFF = ["/router/", "/router/topics", "/table/", "/graph/", "/stats/", "/assignment/"]
 
 
 def wait_ready(worker_url: str, timeout: float = 60.0) -> dict:
@@ -52,17 +68,15 @@ def test_conversation_history_over_http(start_worker, worker_env):
     assert status == 404 and body["error"].startswith("no conversation")
 
 
-def test_health_ready_and_no_table_routes(start_worker):
+def test_health_ready_and_no_table_or_router_routes(start_worker):
     worker = start_worker()
     assert get(f"{worker.url}/health/") == (200, {"status": "ok"})
     assert wait_ready(worker.url) == {
         "status": 200,
         "body": {"status": "ready", "backend": "standin"},
     }
-    status, _ = get(f"{worker.url}/table/")
-    assert status == 404
-    status, _ = get(f"{worker.url}/table/conversation-history/")
-    assert status == 404
+    for path in [*FAUST_ROUTES_OFF, "/table/conversation-history/"]:
+        assert get(worker.url + path)[0] == 404, path
 
 
 def test_metrics_parse_and_move_when_messages_are_answered(start_worker, worker_env):
@@ -79,19 +93,52 @@ def test_metrics_parse_and_move_when_messages_are_answered(start_worker, worker_
     assert counter(worker.url, "faust_messages_received_total") >= 1
 
 
-def test_a_configured_token_guards_conversation_views(start_worker, worker_env):
-    worker = start_worker(MARVIN_API_TOKEN="s3cret")
-    env = {**worker_env, "MARVIN_API_TOKEN": "s3cret"}
+def served_routes(env: dict[str, str], data_dir) -> dict[str, set[str]]:
+    """Path -> methods of every route of the worker's web server, from its aiohttp router,
+    built as the worker builds it (``create_app``, then Faust's ``init_server``)."""
+    from marvin_faust.app import create_app
+
+    app = create_app(settings_of({**env, "MARVIN_DATA_DIR": str(data_dir)}))
+    app.web.init_server()
+    routes: dict[str, set[str]] = {}
+    for route in app.web.web_app.router.routes():
+        routes.setdefault(route.resource.canonical, set()).add(route.method)
+    return routes
+
+
+def test_every_route_answers_with_the_token_and_only_probes_without(
+    start_worker, worker_env, tmp_path
+):
+    routes = served_routes({**worker_env, "MARVIN_API_TOKEN": TOKEN}, tmp_path / "routes")
+    assert set(routes) == set(ROUTES), "a route was added or removed: list it in ROUTES"
+    assert all(methods == {"GET", "HEAD"} for methods in routes.values()), routes
+
+    worker = start_worker(MARVIN_API_TOKEN=TOKEN)
+    assert wait_ready(worker.url)["status"] == 200
     cid = str(uuid.uuid4())
-    ask(env, cid, "Private", expected_replies=1)
-    url = f"{worker.url}/conversations/{cid}/"
-    status, body = get(url)
-    assert status == 401 and body == {"error": "missing or wrong bearer token"}
-    assert get(url, token="wrong")[0] == 401
-    status, body = get(url, token="s3cret")
-    assert status == 200 and body["turns"][0]["text"] == "Private"
-    # liveness stays open for probes
-    assert get(f"{worker.url}/health/")[0] == 200
+    ask({**worker_env, "MARVIN_API_TOKEN": TOKEN}, cid, "Private", expected_replies=1)
+    for route, access in ROUTES.items():
+        url = worker.url + route.format(conversation_id=cid)
+        assert get(url, token=TOKEN)[0] == 200, url
+        for token in (None, "wrong"):
+            status, body = get(url, token=token)
+            if access == OPEN:
+                assert status == 200, (url, status, body)
+            else:
+                assert (status, body) == (401, {"error": "missing or wrong bearer token"}), url
+    status, body = get(f"{worker.url}/conversations/{cid}/", token=TOKEN)
+    assert isinstance(body, dict) and body["turns"][0]["text"] == "Private"
+    for path in FAUST_ROUTES_OFF:
+        assert get(worker.url + path, token=TOKEN)[0] == 404, path
+
+    # Ids that would change the meaning of a URL: 400 with the token, 401 without.
+    segments = ["x%3Flimit=1", "..%2Fhealth", "%2E%2E", "a%20b", "a%23b", quote("x" * 129)]
+    for segment in segments:
+        url = f"{worker.url}/conversations/{segment}/"
+        status, body = get(url, token=TOKEN)
+        assert status == 400 and isinstance(body, dict), (segment, status, body)
+        assert body["error"].startswith("invalid conversation id: conversation_id "), body
+        assert get(url)[0] == 401
 
 
 @pytest.mark.slow

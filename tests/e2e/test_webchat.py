@@ -12,11 +12,16 @@ import json
 import os
 import re
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
+from http.client import HTTPConnection
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
@@ -62,12 +67,12 @@ class WebChat:
 
     worker: WorkerProcess | None = None  # the worker it reads the history from
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
         [self.port] = free_ports(1)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.process = subprocess.Popen(
-            [MARVIN, "webchat", "--port", str(self.port)],
+            [MARVIN, "webchat", "--port", str(self.port), *args],
             env=env,
             stdout=log_path.open("w"),
             stderr=subprocess.STDOUT,
@@ -296,3 +301,131 @@ def test_a_worker_killed_mid_reply_restarts_the_bubble_then_one_reply_settles_it
     )
     time.sleep(3)  # a second reply would come about as fast as the first
     assert ai_texts(page) == [GREETING, f"human: {words}"]
+
+
+class RecordingWorker:
+    """Stands in for the worker's HTTP side: records every request's path and Authorization
+    header, and answers a history of no turns."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str | None]] = []
+        recorded = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                recorded.append((self.path, self.headers.get("Authorization")))
+                body = json.dumps({"conversation_id": "?", "total_turns": 0, "turns": []})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> RecordingWorker:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def raw_request(url: str, method: str, path: str, body: dict | None = None) -> tuple[int, str]:
+    """A request with ``path`` sent exactly as given (urllib would drop a '#' and what follows)."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = HTTPConnection(host, int(port), timeout=30)
+    try:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        data = json.dumps(body).encode() if body is not None else None
+        connection.request(method, path, body=data, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
+HOSTILE_IDS = [
+    "x%3Flimit=1",  # as sent by a page: the id is the 11 characters
+    "x?limit=1",
+    "../health",
+    "..",
+    "../../metrics",
+    "a/b",
+    "a?b",
+    "a#b",
+    "a b",
+    ".hidden",
+    "x" * 129,
+    "x" * 5000,
+]
+# The same ids as they might appear in a path, raw: decoded by the web chat's router into ids
+# that would change the worker URL's path or query.
+RAW_SEGMENTS = ["x%3Flimit=1", "..%2Fhealth", "%2E%2E", "../health", "a/b", "a%2Fb", "a%23b"]
+
+
+def test_hostile_conversation_ids_get_400_and_never_reach_the_worker(
+    start_worker, worker_env, tmp_path
+):
+    start_worker()  # the chat topic the web chat reads
+    with RecordingWorker() as fake_worker:
+        env = {**os.environ, **worker_env, "MARVIN_API_TOKEN": TOKEN}
+        env["MARVIN_WORKER_URL"] = fake_worker.url
+        # On every address, as in a container: allowed, since the token is set.
+        chat = WebChat(env, tmp_path / "webchat.log", "--bind", "0.0.0.0")
+        try:
+            chat.wait_until_serving()
+            segments = [quote(cid, safe="") for cid in HOSTILE_IDS] + RAW_SEGMENTS
+            for segment in segments:
+                for method, path, body in [
+                    ("GET", f"/api/conversations/{segment}/history", None),
+                    ("GET", f"/api/conversations/{segment}/events", None),
+                    ("POST", f"/api/conversations/{segment}/messages", {"text": "hi"}),
+                    ("GET", f"/c/{segment}", None),
+                    ("GET", f"/?c={segment}", None),
+                ]:
+                    status, text = raw_request(chat.url, method, path, body)
+                    assert status == 400, (method, path, status, text)
+                    error = json.loads(text)["error"]
+                    assert error.startswith("invalid conversation id: "), (path, error)
+            status, text = raw_request(chat.url, "GET", "/api/conversations/x%3Flimit=1/history")
+            assert json.loads(text)["error"] == (
+                "invalid conversation id: conversation_id 'x?limit=1' may only hold ASCII "
+                "letters, digits, '-', '_' and '.' (not first)"
+            )
+            assert fake_worker.requests == []
+
+            # A valid id does reach it, at its own path, with the token.
+            cid = str(uuid.uuid4())
+            status, text = raw_request(chat.url, "GET", f"/api/conversations/{cid}/history")
+            assert (status, json.loads(text)) == (200, {"conversation_id": cid, "turns": []})
+            assert fake_worker.requests == [(f"/conversations/{cid}/", f"Bearer {TOKEN}")]
+            for path in (f"/c/{cid}", f"/?c={cid}"):  # and the page opens on it
+                status, text = raw_request(chat.url, "GET", path)
+                assert status == 200 and "<html" in text, path
+        finally:
+            code = chat.stop()
+        assert code == 0, chat.log_path.read_text()
+
+
+def test_a_web_chat_on_a_public_address_without_a_token_refuses_to_start(worker_env, tmp_path):
+    unset = ("MARVIN_API_TOKEN", "MARVIN_ALLOW_UNAUTHENTICATED")
+    env = {name: value for name, value in os.environ.items() if name not in unset}
+    done = subprocess.run(
+        [MARVIN, "webchat", "--bind", "0.0.0.0", "--port", str(free_ports(1)[0])],
+        env={**env, **worker_env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.strip() == (
+        "marvin-faust: invalid settings: MARVIN_WEBCHAT_BIND='0.0.0.0' is not a loopback "
+        "address and MARVIN_API_TOKEN is not set: set it, or MARVIN_ALLOW_UNAUTHENTICATED=1 to "
+        "serve without it (unsafe: whoever reaches the port can read the conversations)"
+    )

@@ -23,6 +23,7 @@ from marvin_faust.testing.kafka import (
     wire_value,
 )
 from marvin_faust.testing.processes import FAUST, WorkerProcess
+from marvin_faust.testing.web import get
 
 pytestmark = pytest.mark.kafka
 
@@ -185,6 +186,36 @@ def test_a_bad_setting_stops_the_start_with_one_clear_line(tmp_path):
         "marvin-faust: invalid settings: MARVIN_N_CTX: Input should be a valid integer, "
         "unable to parse string as an integer (got 'lots')"
     )
+
+
+UNGUARDED_WORKER = (
+    "marvin-faust: invalid settings: MARVIN_WEB_BIND='0.0.0.0' is not a loopback address and "
+    "MARVIN_API_TOKEN is not set: set it, or MARVIN_ALLOW_UNAUTHENTICATED=1 to serve without it "
+    "(unsafe: whoever reaches the port can read the conversations)"
+)
+
+
+def test_a_worker_on_a_public_address_needs_a_token_or_the_override(
+    worker_env, start_worker, tmp_path
+):
+    public = {**worker_env, "MARVIN_WEB_BIND": "0.0.0.0"}
+    unset = ("MARVIN_API_TOKEN", "MARVIN_ALLOW_UNAUTHENTICATED")
+    environ = {name: value for name, value in os.environ.items() if name not in unset}
+    done = subprocess.run(
+        [FAUST, "-A", "marvin_faust", "worker", "-l", "info"],
+        env={**environ, **public, "MARVIN_DATA_DIR": str(tmp_path / "refused")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (done.returncode, done.stderr.strip(), done.stdout) == (2, UNGUARDED_WORKER, "")
+
+    # With a token, or with the override, the same worker starts and serves on every address.
+    for allowed in ({"MARVIN_API_TOKEN": "s3cret"}, {"MARVIN_ALLOW_UNAUTHENTICATED": "1"}):
+        worker = start_worker(MARVIN_WEB_BIND="0.0.0.0", **allowed)
+        assert get(f"{worker.url}/health/") == (200, {"status": "ok"})
+        worker.stop()
+        assert worker.process is not None and worker.process.returncode == 0, worker.tail()
 
 
 def test_a_missing_model_stops_the_worker_at_start(worker_env, tmp_path):

@@ -150,6 +150,10 @@ async def test_stored_history_is_bounded(agent, monkeypatch):
         (wire("c8", "hi"), b"other", "the record key must be the conversation_id"),
         (wire("c8", "hi"), None, "the record key must be the conversation_id"),
         (wire("c8", "hi", role="system"), b"c8", "unknown role 'system'"),
+        # An id the views would refuse: its history could never be read.
+        (wire("x?limit=1", "hi"), b"x?limit=1", "conversation_id 'x?limit=1' may only hold"),
+        (wire("../health", "hi"), b"../health", "conversation_id '../health' may only hold"),
+        (wire("c" * 129, "hi"), b"c" * 129, "conversation_id has 129 characters"),
         (wire("c8", f"please {FAIL_MARKER}"), b"c8", "model failed: RuntimeError"),
     ],
 )

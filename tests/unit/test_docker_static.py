@@ -21,6 +21,7 @@ from tests.fixtures import REPO
 DOCKER = REPO / "docker"
 DOCKERFILES = {"cpu": DOCKER / "Dockerfile", "cuda": DOCKER / "Dockerfile.cuda"}
 COMPOSE = DOCKER / "compose.yaml"
+ENV_FILE = DOCKER / "marvin.env"  # the token, made by the operator (compose.yaml says how)
 STATE_DIR = "/var/lib/marvin"
 WORKER_COMMAND = ["faust", "-A", "marvin_faust", "worker", "-l", "info"]
 MARVIN_FAUST = Path(sys.executable).parent / "marvin-faust"
@@ -285,6 +286,22 @@ def test_compose_worker_and_web_chat_run_the_project_image_and_commands(compose,
                 )
 
 
+def test_compose_takes_the_token_from_an_ignored_env_file_never_a_literal(compose):
+    """Both services listen on 0.0.0.0 in their containers, which needs MARVIN_API_TOKEN: it
+    comes from docker/marvin.env, which git ignores and the build context leaves out."""
+    services = compose["services"]
+    for name in ("worker", "web"):
+        assert services[name]["env_file"] == ENV_FILE.name, name
+    for name, service in services.items():
+        environment = service.get("environment", {})
+        assert "MARVIN_API_TOKEN" not in environment, name
+        assert "MARVIN_ALLOW_UNAUTHENTICATED" not in environment, name
+    relative = str(ENV_FILE.relative_to(REPO))
+    ignored = subprocess.run(["git", "check-ignore", "-q", relative], cwd=REPO, timeout=60)
+    assert ignored.returncode == 0, f"{relative} is not ignored by git"
+    assert dockerignored(relative)
+
+
 def test_compose_state_on_named_volumes_and_health_gated_start(compose):
     services = compose["services"]
     declared = set(compose["volumes"])
@@ -330,12 +347,16 @@ def compose_cli() -> list[str] | None:
     return [standalone] if standalone else None
 
 
-def test_docker_compose_config_accepts_the_file():
+def test_docker_compose_config_accepts_the_file(tmp_path):
     command = compose_cli()
     if command is None:
         pytest.skip("no docker compose CLI here")
+    # A copy beside a token file of its own: compose refuses a missing env_file.
+    (tmp_path / "docker").mkdir()
+    shutil.copy(COMPOSE, tmp_path / "docker" / COMPOSE.name)
+    (tmp_path / "docker" / ENV_FILE.name).write_text("MARVIN_API_TOKEN=compose-config-test\n")
     result = subprocess.run(
-        [*command, "-f", str(COMPOSE), "config", "--format", "json"],
+        [*command, "-f", str(tmp_path / "docker" / COMPOSE.name), "config", "--format", "json"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -344,3 +365,7 @@ def test_docker_compose_config_accepts_the_file():
     resolved = json.loads(result.stdout)
     assert set(resolved["services"]) == {"kafka", "worker", "web"}
     assert resolved["services"]["worker"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+    for name in ("worker", "web"):
+        assert resolved["services"][name]["environment"]["MARVIN_API_TOKEN"] == (
+            "compose-config-test"
+        )

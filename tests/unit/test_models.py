@@ -1,9 +1,12 @@
 import json
+import uuid
 
 import pytest
 
 from marvin_faust.models import (
+    CONVERSATION_ID_MAX_CHARS,
     BadMessage,
+    conversation_id_problem,
     header_pairs,
     header_value,
     make_message,
@@ -53,6 +56,7 @@ def test_serialises_back_to_the_wire_format_with_capital_t():
         (raw(text="   "), "empty text"),
         (raw(text="x" * 101), "text has 101 characters, the limit is 100"),
         (raw(conversation_id=""), "empty conversation_id"),
+        (raw(conversation_id="a b"), "conversation_id 'a b' may only hold ASCII letters"),
     ],
 )
 def test_bad_values_raise_with_the_reason(value, reason):
@@ -71,3 +75,44 @@ def test_header_pairs_reads_lists_and_dicts():
     assert header_pairs([("a", b"1"), ("a", b"2")]) == [("a", b"1"), ("a", b"2")]
     assert header_pairs({"uuid": b"m-2"}) == [("uuid", b"m-2")]
     assert header_pairs(None) == []
+
+
+@pytest.mark.parametrize(
+    "conversation_id",
+    [
+        str(uuid.uuid4()),  # what the front ends make
+        str(uuid.uuid4()).upper(),
+        uuid.uuid4().hex,
+        "c-1",
+        "user_42.session-7",
+        "a..b",
+        "x" * CONVERSATION_ID_MAX_CHARS,
+    ],
+)
+def test_valid_conversation_ids(conversation_id):
+    assert conversation_id_problem(conversation_id) is None
+
+
+@pytest.mark.parametrize(
+    ("conversation_id", "reason"),
+    [
+        ("", "empty conversation_id"),
+        ("x" * (CONVERSATION_ID_MAX_CHARS + 1), "conversation_id has 129 characters, the limit"),
+        ("x%3Flimit=1", "may only hold"),  # would be decoded into a query on the worker
+        ("x?limit=1", "may only hold"),
+        ("../health", "may only hold"),
+        ("..", "may only hold"),
+        (".", "may only hold"),
+        (".hidden", "may only hold"),
+        ("a/b", "may only hold"),
+        ("a#b", "may only hold"),
+        ("a b", "may only hold"),
+        ("a\nb", "may only hold"),
+        ("caf\u00e9", "may only hold"),
+        ("a:b", "may only hold"),
+    ],
+)
+def test_invalid_conversation_ids_say_why(conversation_id, reason):
+    problem = conversation_id_problem(conversation_id)
+    assert problem is not None and reason in problem
+    assert "\n" not in problem  # one line, whatever the id holds

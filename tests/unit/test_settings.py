@@ -66,6 +66,13 @@ def test_a_worker_notices_a_topic_created_after_it_joined_within_seconds():
         ),
         # -p before the command is not the worker's web port.
         (["faust", "-A", "marvin_faust", "-p", "1", "chat"], {}),
+        (
+            ["marvin-faust", "webchat", "--port", "8081", "--bind=0.0.0.0"],
+            {"webchat_port": "8081", "webchat_bind": "0.0.0.0"},
+        ),
+        # another command's options are its own
+        (["marvin-faust", "webchat", "-b", "0.0.0.0"], {}),
+        (["marvin-faust", "worker", "--bind", "0.0.0.0"], {}),
     ],
 )
 def test_faust_command_line_options_become_settings(argv, expected):
@@ -96,3 +103,129 @@ def test_another_faust_version_stops_the_start_naming_both():
     with pytest.raises(FaustVersionError, match=r"verified on faust-streaming 0\.15\.3.*0\.16\.0"):
         check_faust_version("0.16.0")
     check_faust_version()  # the installed one is the verified one
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.4.5.6", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("LocalHost.", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("", False),
+        ("10.0.0.5", False),
+        ("128.0.0.1", False),
+        ("fe80::1", False),
+        ("localhost.example.com", False),
+        ("marvin-worker", False),
+    ],
+)
+def test_loopback_addresses(host, loopback):
+    from marvin_faust.settings import is_loopback
+
+    assert is_loopback(host) is loopback
+
+
+WORKER = ["faust", "-A", "marvin_faust", "worker", "-l", "info"]
+WEBCHAT = ["marvin-faust", "webchat"]
+
+
+@pytest.fixture()
+def no_web_settings(monkeypatch, tmp_path):
+    """No web or token settings from the environment or a .env file."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("WEB_BIND", "WEBCHAT_BIND", "API_TOKEN", "ALLOW_UNAUTHENTICATED"):
+        monkeypatch.delenv(f"MARVIN_{name}", raising=False)
+
+
+def refusal(variable: str, address: str) -> str:
+    return (
+        f"invalid settings: {variable}={address!r} is not a loopback address and "
+        "MARVIN_API_TOKEN is not set: set it, or MARVIN_ALLOW_UNAUTHENTICATED=1 to serve without "
+        "it (unsafe: whoever reaches the port can read the conversations)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "variable"), [(WORKER, "MARVIN_WEB_BIND"), (WEBCHAT, "MARVIN_WEBCHAT_BIND")]
+)
+def test_a_server_on_a_public_address_needs_the_token_or_the_override(
+    no_web_settings, monkeypatch, argv, variable
+):
+    from marvin_faust.app import command_settings
+
+    for loopback in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        monkeypatch.setenv(variable, loopback)
+        command_settings(argv)
+    monkeypatch.setenv(variable, "0.0.0.0")
+    with pytest.raises(SettingsError) as caught:
+        command_settings(argv)
+    assert str(caught.value) == refusal(variable, "0.0.0.0")
+    monkeypatch.setenv("MARVIN_API_TOKEN", "")  # an empty token guards nothing
+    with pytest.raises(SettingsError):
+        command_settings(argv)
+    monkeypatch.setenv("MARVIN_API_TOKEN", "s3cret")
+    assert command_settings(argv).api_token == "s3cret"
+    monkeypatch.delenv("MARVIN_API_TOKEN")
+    monkeypatch.setenv("MARVIN_ALLOW_UNAUTHENTICATED", "1")
+    assert command_settings(argv).allow_unauthenticated is True
+    monkeypatch.setenv("MARVIN_ALLOW_UNAUTHENTICATED", "0")
+    with pytest.raises(SettingsError):
+        command_settings(argv)
+
+
+@pytest.mark.parametrize(
+    ("argv", "variable", "address"),
+    [
+        ([*WORKER, "-b", "0.0.0.0"], "MARVIN_WEB_BIND", "0.0.0.0"),
+        ([*WORKER, "--web-bind=::"], "MARVIN_WEB_BIND", "::"),
+        ([*WEBCHAT, "--bind", "10.1.2.3", "--port", "8081"], "MARVIN_WEBCHAT_BIND", "10.1.2.3"),
+        (
+            ["marvin-faust", "-D", "/s", "webchat", "--bind=example.com"],
+            "MARVIN_WEBCHAT_BIND",
+            "example.com",
+        ),
+    ],
+)
+def test_the_address_from_the_command_line_is_checked_too(no_web_settings, argv, variable, address):
+    from marvin_faust.app import command_settings
+
+    with pytest.raises(SettingsError) as caught:
+        command_settings(argv)
+    assert str(caught.value) == refusal(variable, address)
+
+
+def test_commands_that_serve_nothing_need_no_token(no_web_settings, monkeypatch):
+    """The image sets MARVIN_WEB_BIND=0.0.0.0: `marvin-faust say` in it binds nothing."""
+    from marvin_faust.app import command_settings
+
+    monkeypatch.setenv("MARVIN_WEB_BIND", "0.0.0.0")
+    monkeypatch.setenv("MARVIN_WEBCHAT_BIND", "0.0.0.0")
+    for argv in (["marvin-faust", "say", "worker", "hi"], ["marvin-faust", "chat"], ["faust"]):
+        assert command_settings(argv).web_bind == "0.0.0.0"
+    with pytest.raises(SettingsError, match="MARVIN_WEB_BIND="):
+        command_settings(WORKER)
+    with pytest.raises(SettingsError, match="MARVIN_WEBCHAT_BIND="):
+        command_settings(WEBCHAT)
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (WORKER, (3, "worker")),
+        (
+            ["faust", "-A", "marvin_faust", "--datadir=/s", "-L", "uvloop", "webchat"],
+            (6, "webchat"),
+        ),
+        (["marvin-faust", "--debug", "-q", "say", "worker", "hi"], (3, "say")),
+        (["marvin-faust", "--json"], (2, "")),
+    ],
+)
+def test_the_command_of_a_command_line(argv, command):
+    from marvin_faust.app import cli_command
+
+    assert cli_command(argv) == command
