@@ -54,6 +54,16 @@ class Generation:
         return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def text_of_last_tokens(tokens: Sequence[int], count: int, piece: Callable[[int], bytes]) -> str:
+    """The text of the last ``count`` of ``tokens`` (a tokenization of some text), ``piece``
+    giving a token's bytes. The bytes are joined before decoding: a character can span tokens.
+    A character cut in two at the start is dropped, and so is the whitespace that starts it."""
+    if count <= 0:
+        return ""
+    data = b"".join(piece(token) for token in tokens[-count:])
+    return data.decode("utf-8", errors="ignore").lstrip()
+
+
 class ChatBackend(ABC):
     """A chat model: ``load()`` once, then ``await generate(messages, timeout)`` per reply."""
 
@@ -92,6 +102,11 @@ class ChatBackend(ABC):
     @abstractmethod
     def count_tokens(self, text: str) -> int:
         """Tokens in ``text`` by the model's own tokenizer."""
+
+    @abstractmethod
+    def last_tokens(self, text: str, count: int) -> str:
+        """The end of ``text`` that is its last ``count`` tokens, cut at a token boundary (all
+        of it when it has no more): what the history window keeps of a turn over the budget."""
 
     def _generate(
         self,

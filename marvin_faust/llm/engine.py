@@ -200,6 +200,10 @@ class BatchedEngine:
     def token_text(self, token: int) -> str:
         return self._llama.piece(token, special=True).decode("utf-8", errors="replace")
 
+    def token_bytes(self, token: int) -> bytes:
+        """A text token's bytes: a character can span tokens, so join them before decoding."""
+        return self._llama.piece(token, special=False)
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text, add_bos=False, special=False))
 

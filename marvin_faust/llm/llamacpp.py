@@ -51,7 +51,14 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, GenerationChunk
 from pydantic import ConfigDict
 
-from .base import ChatBackend, Generation, ModelError, ModelLoadError, TokenSink
+from .base import (
+    ChatBackend,
+    Generation,
+    ModelError,
+    ModelLoadError,
+    TokenSink,
+    text_of_last_tokens,
+)
 from .engine import BatchedEngine, Completion, EngineCancelled, EngineError, Sampling
 
 STOP_SEQUENCES = ["\nHuman:", "Human:", "\nMarvin:", "[INST]", "<end_of_turn>", "</s>"]
@@ -415,6 +422,11 @@ class LlamaCppBackend(ChatBackend):
 
     def count_tokens(self, text: str) -> int:
         return self.engine.count_tokens(text)
+
+    def last_tokens(self, text: str, count: int) -> str:
+        engine = self.engine
+        tokens = engine.tokenize(text, add_bos=False, special=False)
+        return text_of_last_tokens(tokens, count, engine.token_bytes)
 
     async def _run(
         self,

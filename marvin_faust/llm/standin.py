@@ -43,6 +43,12 @@ class StandInBackend(ChatBackend):
     def count_tokens(self, text: str) -> int:
         return len(text.split())
 
+    def last_tokens(self, text: str, count: int) -> str:
+        if count <= 0:
+            return ""
+        starts = [word.start() for word in re.finditer(r"\S+", text)]
+        return text if count >= len(starts) else text[starts[-count] :]
+
     def _generate(
         self,
         messages: Sequence[BaseMessage],
