@@ -204,9 +204,7 @@ class Answerer:
         if has_message(past, known_as):
             log.info("Skipping message %s of %s: already answered", known_as, cid)
             return Outcome.DUPLICATE
-        window = history_window(
-            past, settings.history_token_budget, self.backend.count_tokens, settings.ai_role
-        )
+        window = history_window(past, settings.history_token_budget, self.backend, settings.ai_role)
         prompt = build_prompt(settings.persona, window, chat.text)
         reply_id = new_message_id()
         generation = await self.generate(prompt, cid, message_id, reply_id, partition)

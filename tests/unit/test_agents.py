@@ -114,6 +114,9 @@ async def test_the_greeting_is_stored_as_the_first_ai_turn(agent):
     ]
     await agent.put(wire("c5", "What?"), key=b"c5")
     assert [t["role"] for t in agent.history["c5"]] == ["AI", "human", "AI"]
+    # The model saw the greeting, after the empty human turn that opens the window.
+    reply = json.loads(agent.replies()[-1]["value"])
+    assert reply["text"] == f"human: \nai: {agent.settings.greeting}\nhuman: What?"
 
 
 async def test_a_redelivered_message_is_answered_once(agent):

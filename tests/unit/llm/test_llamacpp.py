@@ -15,7 +15,7 @@ import pytest
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from marvin_faust.conversation import build_prompt
+from marvin_faust.conversation import build_prompt, history_window, make_turn
 from marvin_faust.llm import ModelError, ModelLoadError, ModelTimeout, create_backend
 from marvin_faust.llm import llamacpp as llamacpp_module
 from marvin_faust.llm.engine import Completion, EngineCancelled, EngineStats, Sampling
@@ -143,6 +143,21 @@ def test_the_prompt_is_the_plain_transcript_after_one_bos(gemma):
     tokens = llm.prompt_tokens(text)
     bos = gemma.engine.token_bos()
     assert tokens[0] == bos and tokens.count(bos) == 1
+
+
+def test_last_tokens_cuts_the_text_at_a_token_boundary(gemma):
+    text = "Life? Don't talk to me about life. Here I am, brain the size of a planet. \u00e9t\u00e9"
+    total = gemma.count_tokens(text)
+    assert gemma.last_tokens(text, total) == text
+    assert gemma.last_tokens(text, 0) == ""
+    for count in range(1, total):
+        end = gemma.last_tokens(text, count)
+        assert end and text.endswith(end), (count, end)
+        assert gemma.count_tokens(end) <= count + 1, (count, end)  # may retokenize differently
+    # The history window keeps the end of a reply over the budget, within the budget.
+    window = history_window([make_turn("AI", text, 0, None)], 5, gemma, "AI")
+    assert window[0] == HumanMessage("") and text.endswith(str(window[1].content))
+    assert 0 < gemma.count_tokens(str(window[1].content)) <= 5
 
 
 async def test_generates_a_reply_without_chat_markup(gemma):
