@@ -2,8 +2,8 @@
 in a pseudo-terminal (pexpect), the real broker, a running worker with the stand-in model.
 
 The stand-in echoes its prompt, so a reply shows exactly which turns reached the model: the first
-reply of a conversation is ``human: <line>`` (the greeting is stored, but a prompt window starts on
-a human turn), the second holds the first exchange too.
+reply of a conversation ``chat`` opened is the greeting (after the empty human turn that opens a
+window starting on an AI turn) then ``human: <line>``; the second holds the first exchange too.
 """
 
 from __future__ import annotations
@@ -26,6 +26,13 @@ GREETING = "Hello, my name is Marvin. What do you want?"
 WAIT = 120  # seconds for any one step: the machine is shared and slow
 PROMPT = "You: "
 CONVERSATION_LINE = re.compile(r"\[conversation ([0-9a-f-]{36})\]")
+# How the stand-in's echo of a prompt starts in a conversation opened with the greeting.
+GREETED = ["human: ", f"ai: {GREETING}"]
+
+
+def as_ai(reply: list[str]) -> list[str]:
+    """The echo lines of an earlier reply (a list of lines) in a later prompt."""
+    return [f"ai: {reply[0]}", *reply[1:]]
 
 
 def spawn_chat(env: dict[str, str], *args: str) -> pexpect.spawn:
@@ -69,11 +76,11 @@ def test_chat_new_conversation_quit_then_resume_and_ctrl_d(start_worker, worker_
     child.expect_exact(PROMPT)
     child.sendline("Why are you so sad?")
     # not its own greeting, which it sent after it started listening
-    expect_reply(child, ["human: Why are you so sad?"])
+    first = [*GREETED, "human: Why are you so sad?"]
+    expect_reply(child, first)
     child.sendline("Still?")
-    expect_reply(
-        child, ["human: Why are you so sad?", "ai: human: Why are you so sad?", "human: Still?"]
-    )
+    second = [*first, *as_ai(first), "human: Still?"]
+    expect_reply(child, second)
     child.sendline("/quit")
     assert exit_status(child) == 0
 
@@ -81,9 +88,7 @@ def test_chat_new_conversation_quit_then_resume_and_ctrl_d(start_worker, worker_
     resumed.expect_exact(f"[resuming conversation {cid}]")
     resumed.expect_exact(PROMPT)
     resumed.sendline("Back again")
-    resumed.expect_exact("Marvin: human: Why are you so sad?\r\n")  # the stored history
-    resumed.expect_exact("human: Back again\r\n")
-    resumed.expect_exact(PROMPT)
+    expect_reply(resumed, [*second, *as_ai(second), "human: Back again"])  # the whole history
     resumed.sendeof()  # Ctrl-D
     assert exit_status(resumed) == 0
 
@@ -98,10 +103,11 @@ def test_two_conversations_at_once_each_client_sees_only_its_own(start_worker, w
     # Both wait at the same time; each reads every reply on the topic and must pick its own.
     first.sendline("alpha")
     second.sendline("bravo")
-    expect_reply(first, ["human: alpha"])
-    expect_reply(second, ["human: bravo"])
+    alpha = [*GREETED, "human: alpha"]
+    expect_reply(first, alpha)
+    expect_reply(second, [*GREETED, "human: bravo"])
     first.sendline("charlie")
-    expect_reply(first, ["human: alpha", "ai: human: alpha", "human: charlie"])
+    expect_reply(first, [*alpha, *as_ai(alpha), "human: charlie"])
     for child in (first, second):
         child.sendline("/quit")
         assert exit_status(child) == 0
@@ -200,12 +206,13 @@ def test_chat_shows_the_first_words_before_the_reply_is_complete(start_worker, w
     child.expect_exact(PROMPT)
     words = " ".join(f"word{i}" for i in range(24))
     child.sendline(words)
-    child.expect_exact("Marvin: human: word0")
+    child.expect_exact("Marvin: " + "\r\n".join([*GREETED, "human: word0"]))
     # The first words are on the screen; the rest of the reply is not written yet.
     assert "word23" not in child.after + child.buffer
     child.expect_exact(words.removeprefix("word0") + "\r\n")  # the rest, then the prompt
     child.expect_exact(PROMPT)
-    assert transcript(child).count(f"Marvin: human: {words}\r\n") == 1
+    whole = "Marvin: " + "\r\n".join([*GREETED, f"human: {words}"]) + "\r\n"
+    assert transcript(child).count(whole) == 1
     child.sendline("/quit")
     assert exit_status(child) == 0
 
