@@ -48,6 +48,14 @@ GREETING = "Hello, my name is Marvin. What do you want?"
 WAIT_MS = 120_000  # any one step in the browser: the machine is shared and slow
 INJECTION = '<img src=x onerror="window.__pwned = true">'
 TOKEN = "webchat-test-token"
+# The stand-in echoes its prompt; a page's conversation opens with the greeting, which starts
+# every window after an empty human turn.
+GREETED = ["human: ", f"ai: {GREETING}"]
+
+
+def echo(*lines: str) -> str:
+    """The stand-in's reply in a conversation a page opened: the greeting, then ``lines``."""
+    return "\n".join([*GREETED, *lines])
 
 
 def http(method: str, url: str, body: dict | None = None) -> tuple[int, dict]:
@@ -167,20 +175,17 @@ def test_chat_in_the_browser_replies_live_history_on_reopen_and_no_html_injectio
     page.fill("#text", "Why are you so sad?")
     page.press("#text", "Enter")
     expect(page.locator("#messages .turn.human .text").first).to_have_text("Why are you so sad?")
+    first_reply = echo("human: Why are you so sad?")
     expect(page.locator("#messages .turn.ai .text").nth(1)).to_have_text(
-        "human: Why are you so sad?", timeout=WAIT_MS
+        first_reply, timeout=WAIT_MS
     )
     expect(page.locator("#thinking")).to_be_hidden()
 
     # HTML in a message and in the model's reply (the stand-in echoes it) shows as text.
     page.fill("#text", INJECTION)
     page.click("#send")
-    reply_with_html = "\n".join(
-        [
-            "human: Why are you so sad?",
-            "ai: human: Why are you so sad?",
-            f"human: {INJECTION}",
-        ]
+    reply_with_html = echo(
+        "human: Why are you so sad?", f"ai: {first_reply}", f"human: {INJECTION}"
     )
     expect(page.locator("#messages .turn.ai .text").nth(2)).to_have_text(
         reply_with_html, timeout=WAIT_MS
@@ -195,7 +200,7 @@ def test_chat_in_the_browser_replies_live_history_on_reopen_and_no_html_injectio
     expected = [
         GREETING,
         "Why are you so sad?",
-        "human: Why are you so sad?",
+        first_reply,
         INJECTION,
         reply_with_html,
     ]
@@ -221,14 +226,14 @@ def test_pages_of_two_conversations_get_only_their_replies_and_bad_input_is_refu
     first.press("#text", "Enter")
     second.press("#text", "Enter")
     expect(first.locator("#messages .turn.ai .text").nth(1)).to_have_text(
-        "human: alpha", timeout=WAIT_MS
+        echo("human: alpha"), timeout=WAIT_MS
     )
     expect(second.locator("#messages .turn.ai .text").nth(1)).to_have_text(
-        "human: bravo", timeout=WAIT_MS
+        echo("human: bravo"), timeout=WAIT_MS
     )
     time.sleep(2)  # a stray reply would arrive about as fast as the right one
-    assert ai_texts(first) == [GREETING, "human: alpha"]
-    assert ai_texts(second) == [GREETING, "human: bravo"]
+    assert ai_texts(first) == [GREETING, echo("human: alpha")]
+    assert ai_texts(second) == [GREETING, echo("human: bravo")]
 
     # The API refuses what the page never sends.
     cid = second.url.rsplit("/c/", 1)[1]
@@ -246,11 +251,11 @@ def test_a_reply_grows_in_the_page_as_it_is_written_then_settles(browser, slow_w
     expect(page.locator("body")).to_have_attribute("data-ready", "true", timeout=WAIT_MS)
 
     words = " ".join(f"word{i}" for i in range(24))
-    final = f"human: {words}"
+    final = echo(f"human: {words}")
     page.fill("#text", words)
     page.press("#text", "Enter")
     partial = page.locator("#messages .turn.ai.partial .text")
-    expect(partial).to_have_text(re.compile(r"^human: word0"), timeout=WAIT_MS)
+    expect(partial).to_have_text(re.compile(r"human: word0"), timeout=WAIT_MS)
     shown = partial.text_content()
     # Partial text: a beginning of the reply, on the page before the reply itself.
     assert shown and final.startswith(shown) and shown != final
@@ -297,10 +302,10 @@ def test_a_worker_killed_mid_reply_restarts_the_bubble_then_one_reply_settles_it
     expect(partial).to_have_count(1)
     page.screenshot(path=str(ARTIFACTS / "webchat-restarted.png"), full_page=True)
     expect(page.locator("#messages .turn.ai .text")).to_have_text(
-        [GREETING, f"human: {words}"], timeout=WAIT_MS
+        [GREETING, echo(f"human: {words}")], timeout=WAIT_MS
     )
     time.sleep(3)  # a second reply would come about as fast as the first
-    assert ai_texts(page) == [GREETING, f"human: {words}"]
+    assert ai_texts(page) == [GREETING, echo(f"human: {words}")]
 
 
 class RecordingWorker:
