@@ -39,6 +39,13 @@ from .conversation import (
     history_window,
     make_turn,
 )
+from .dead_letters import (
+    DeadLetter,
+    dead_letter,
+    record_size,
+    reduced_dead_letter,
+    too_large,
+)
 from .llm import Generation, ModelError, ModelTimeout
 from .models import (
     IN_REPLY_TO_HEADER,
@@ -53,6 +60,7 @@ from .models import (
 )
 from .scheduling import run_keyed
 from .streaming import FinishReason, ReplyStream
+from .topics import max_message_bytes
 
 if TYPE_CHECKING:
     from .app import MarvinApp
@@ -61,9 +69,9 @@ log = logging.getLogger(__name__)
 
 EMPTY_REPLY = "*sigh*"  # what Marvin says when the model produced nothing
 
-# Dead-letter headers: why, and where the record came from.
-REASON_HEADER = "dead-letter-reason"
-SOURCE_HEADER = "dead-letter-source"
+
+class DeadLetterFailed(Exception):
+    """A record could be neither answered nor dead-lettered: it must not be acknowledged."""
 
 
 class Outcome(StrEnum):
@@ -112,12 +120,27 @@ class Answerer:
         # Whether replies and stream chunks go to their message's partition (see prepare).
         self.replies_on_source = True
         self.stream_on_source = True
+        # The largest dead letter sent whole (see prepare): Faust's producer refuses more.
+        self.dead_letter_limit: int = app.conf.producer_max_request_size
 
     async def prepare(self) -> None:
         """Declare the topics the agent writes, and decide where replies and chunks go: to
         their message's partition when their topic is the chat topic or has as many
         partitions. Then a conversation stays on one partition, in order, whichever
-        partitioner its front end used; otherwise they are keyed with ``MARVIN_PARTITIONER``."""
+        partitioner its front end used; otherwise they are keyed with ``MARVIN_PARTITIONER``.
+
+        Also learn the largest record the dead-letter topic takes. A dead letter the broker
+        refuses under exactly_once leaves the transactional producer's sequence for that
+        partition with a gap (aiokafka keeps no abortable state), so even its reduced form
+        fails then (``OutOfOrderSequenceNumber``): a dead letter over the limit is sent
+        reduced at once instead."""
+        # Dead letters are rare: the first would otherwise create its topic with the broker's
+        # defaults, where the broker creates topics at all.
+        dead_letters = self.topics.dead_letters
+        await dead_letters.maybe_declare()
+        topic_limit = await max_message_bytes(self.settings, dead_letters.get_topic_name())
+        if topic_limit is not None:
+            self.dead_letter_limit = min(self.dead_letter_limit, topic_limit)
         if self.topics.replies is not self.topics.chat:
             self.replies_on_source = await self._partitions_match(self.topics.replies)
         if self.topics.stream is not None:
@@ -284,15 +307,44 @@ class Answerer:
     async def dead_letter(
         self, key: bytes | None, value: bytes | None, headers: Any, reason: str, source: str
     ) -> None:
+        """Send the record to the dead-letter topic and wait until Kafka has it; reduced
+        (``dead_letters.reduced_dead_letter``) when it is too large with the reason headers.
+        Raises :class:`DeadLetterFailed` when even that fails: the event must then not be
+        acknowledged (see :func:`declare_agent`)."""
         log.warning("Dead-lettering %s: %s", source, reason)
-        kept = [(k, v) for k, v in header_pairs(headers) if k not in (REASON_HEADER, SOURCE_HEADER)]
-        await self.delivered(
-            self.topics.dead_letters.send(
-                key=key,
-                value=value,
-                headers=[*kept, (REASON_HEADER, reason.encode()), (SOURCE_HEADER, source.encode())],
+        pairs = header_pairs(headers)
+        whole = dead_letter(key, value, pairs, reason, source)
+        if record_size(whole) > self.dead_letter_limit:
+            log.warning(
+                "The dead letter of %s is over %d bytes: sending it reduced",
+                source,
+                self.dead_letter_limit,
             )
+        else:
+            try:
+                await self.send_dead_letter(whole)
+                return
+            except Exception as exc:
+                if not too_large(exc):
+                    raise DeadLetterFailed(f"could not dead-letter {source}: {exc!r}") from exc
+                log.warning(
+                    "The dead letter of %s was refused (%r): sending it reduced", source, exc
+                )
+        try:
+            await self.send_dead_letter(reduced_dead_letter(key, value, pairs, reason, source))
+        except Exception as exc:
+            raise DeadLetterFailed(
+                f"could not dead-letter {source}, even reduced: {exc!r}"
+            ) from exc
+
+    async def send_dead_letter(self, letter: DeadLetter) -> None:
+        # Waited for under exactly_once too: a record the broker refuses fails only its own
+        # delivery, and the transaction would commit the offset without it. Dead letters are
+        # few, so the round trip is cheap.
+        sending = self.topics.dead_letters.send(
+            key=letter.key, value=letter.value, headers=letter.headers
         )
+        await (await sending)
 
     async def delivered(self, sending: Awaitable[Awaitable[Any]]) -> None:
         """Send; under at_least_once also wait until Kafka has the record, since the offset may

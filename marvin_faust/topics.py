@@ -6,12 +6,19 @@ bytes itself (``models.parse_chat_message``) and dead-letters what is bad, origi
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import faust
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError
 from faust.types import TopicT
 
+from .security import aiokafka_options
 from .settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,3 +54,25 @@ def declare_topics(app: faust.App, settings: Settings) -> Topics:
         # Chunks are a live preview: an hour is plenty, and the topic stays small.
         stream=raw_topic(stream_name, retention=settings.stream_retention) if stream_name else None,
     )
+
+
+async def max_message_bytes(settings: Settings, topic: str) -> int | None:
+    """The largest record batch the broker takes on ``topic`` (its ``max.message.bytes``, the
+    broker's ``message.max.bytes`` unless the topic sets its own); None when the broker will
+    not say (no DescribeConfigs permission, say)."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.bootstrap_servers, **aiokafka_options(settings)
+    )
+    try:
+        await admin.start()
+        wanted = ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": None})
+        [response] = await admin.describe_configs([wanted])
+        [(error_code, error_message, _, _, entries)] = response.resources
+        if error_code:
+            raise KafkaError(f"error {error_code}: {error_message}")
+        return next(int(entry[1]) for entry in entries if entry[0] == "max.message.bytes")
+    except (KafkaError, OSError, StopIteration) as exc:
+        log.warning("Cannot read max.message.bytes of %s: %r", topic, exc)
+        return None
+    finally:
+        await admin.close()

@@ -8,8 +8,10 @@ import threading
 from unittest.mock import AsyncMock
 
 import pytest
+from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
+from faust.exceptions import ProducerSendError
 
-from marvin_faust import agents
+from marvin_faust import agents, dead_letters
 from marvin_faust.llm.standin import FAIL_MARKER, HANG_MARKER
 from marvin_faust.streaming import ReplyStream, StreamChunk
 
@@ -43,6 +45,9 @@ async def agent(app, monkeypatch):
     topics = app.chat_topics
     monkeypatch.setattr(topics.replies, "send", AsyncMock(return_value=delivered))
     monkeypatch.setattr(topics.dead_letters, "send", AsyncMock(return_value=delivered))
+    # No broker here: no topic to declare, no max.message.bytes to read.
+    monkeypatch.setattr(topics.dead_letters, "maybe_declare", AsyncMock())
+    monkeypatch.setattr(agents, "max_message_bytes", AsyncMock(return_value=None))
     async with app.answer.test_context() as test_agent:
         test_agent.replies = lambda: [dict(c.kwargs) for c in topics.replies.send.call_args_list]
         test_agent.dead_letters = lambda: [
@@ -55,7 +60,7 @@ async def agent(app, monkeypatch):
 
 
 def reasons(agent) -> list[str]:
-    return [dict(d["headers"])[agents.REASON_HEADER].decode() for d in agent.dead_letters()]
+    return [dict(d["headers"])[dead_letters.REASON_HEADER].decode() for d in agent.dead_letters()]
 
 
 async def test_a_human_message_is_answered_and_stored(agent):
@@ -166,9 +171,9 @@ async def test_bad_input_is_dead_lettered_with_original_bytes_and_reason(agent, 
     [letter] = agent.dead_letters()
     assert letter["value"] == value and letter["key"] == key
     headers = dict(letter["headers"])
-    assert reason in headers[agents.REASON_HEADER].decode()
+    assert reason in headers[dead_letters.REASON_HEADER].decode()
     assert headers["uuid"] == b"bad-1"
-    assert headers[agents.SOURCE_HEADER].startswith(b"chat/")
+    assert headers[dead_letters.SOURCE_HEADER].startswith(b"chat/")
     assert agent.replies() == []
     assert agent.history["c8"] == []
     # and the agent keeps going
@@ -188,6 +193,70 @@ async def test_a_model_timeout_is_dead_lettered(agent, monkeypatch):
     assert reasons(agent)[0].startswith("model failed: no reply after")
     await agent.put(wire("c9", "and now?"), key=b"c9")
     assert len(agent.replies()) == 1
+
+
+def size_error() -> ProducerSendError:
+    """What Faust raises for a record over the producer's max_request_size."""
+    try:
+        raise MessageSizeTooLargeError("over max_request_size")
+    except MessageSizeTooLargeError as exc:
+        try:
+            raise ProducerSendError(f"Error while sending: {exc!r}") from exc
+        except ProducerSendError as wrapped:
+            return wrapped
+
+
+async def test_a_dead_letter_too_large_with_its_reason_goes_reduced(agent, monkeypatch):
+    delivered = asyncio.get_running_loop().create_future()
+    delivered.set_result(None)
+    send = AsyncMock(side_effect=[size_error(), delivered])
+    monkeypatch.setattr(agent.topics.dead_letters, "send", send)
+    value = b"{" + b"x" * 999_000
+    await agent.answerer.dead_letter(b"c11", value, [("uuid", b"m-1")], "bad", "chat/0@5")
+    full, reduced = (call.kwargs for call in send.call_args_list)
+    assert full["value"] == value
+    assert reduced["value"] == b"chat/0@5" and reduced["key"] == b"c11"
+    headers = dict(reduced["headers"])
+    assert headers["uuid"] == b"m-1" and headers[dead_letters.REASON_HEADER] == b"bad"
+
+
+async def test_a_dead_letter_over_the_topics_limit_goes_reduced_at_once(agent, monkeypatch):
+    # Under exactly_once a refusal by the broker would leave the producer unable to send the
+    # reduced one (a gap in its sequence): what the topic will refuse is not sent at all.
+    monkeypatch.setattr(agent.answerer, "dead_letter_limit", 2_000)
+    await agent.answerer.dead_letter(b"c14", b"{" * 1_950, [], "bad", "chat/0@7")
+    [letter] = agent.dead_letters()
+    assert letter["value"] == b"chat/0@7"
+    await agent.answerer.dead_letter(b"c14", b"{" * 1_800, [], "bad", "chat/0@8")
+    assert agent.dead_letters()[-1]["value"] == b"{" * 1_800  # under it: whole
+
+
+@pytest.mark.parametrize(
+    "failures",
+    [
+        [size_error(), size_error()],  # too large even reduced
+        [KafkaTimeoutError()],  # not a size error: no reduced retry
+    ],
+)
+async def test_a_dead_letter_that_cannot_be_sent_raises(agent, monkeypatch, failures):
+    send = AsyncMock(side_effect=failures)
+    monkeypatch.setattr(agent.topics.dead_letters, "send", send)
+    with pytest.raises(agents.DeadLetterFailed, match="could not dead-letter chat/0@5"):
+        await agent.answerer.dead_letter(b"c12", b"{", [], "bad", "chat/0@5")
+    assert send.call_count == len(failures)
+
+
+async def test_a_dead_letter_refused_on_delivery_goes_reduced(agent, monkeypatch):
+    # A dead letter's delivery is waited for, in a transaction too (unlike a reply's): a record
+    # the broker refuses fails only its delivery, and the offset would commit without it.
+    refused = asyncio.get_running_loop().create_future()
+    refused.set_exception(MessageSizeTooLargeError())
+    delivered = asyncio.get_running_loop().create_future()
+    delivered.set_result(None)
+    send = AsyncMock(side_effect=[refused, delivered])
+    monkeypatch.setattr(agent.topics.dead_letters, "send", send)
+    await agent.answerer.dead_letter(b"c13", b"{", [], "bad", "chat/0@6")
+    assert [call.kwargs["value"] for call in send.call_args_list] == [b"{", b"chat/0@6"]
 
 
 async def test_the_reply_goes_to_the_partition_its_message_came_from(agent):
