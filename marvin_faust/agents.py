@@ -19,7 +19,8 @@ registers it on an app. Up to ``backend.parallel`` messages are answered at once
 conversation's strictly in order (``scheduling.run_keyed``); each event is acknowledged when it
 is done, and Faust commits an offset only once every offset before it on its partition is.
 Every failure is caught per message and dead-lettered, so nothing is acked silently and the
-agent keeps running.
+agent keeps running; a message that cannot even be dead-lettered (``DeadLetterFailed``) stops the
+worker with that message unacknowledged, to be read again by the next one.
 """
 
 from __future__ import annotations
@@ -91,14 +92,22 @@ def declare_agent(app: MarvinApp) -> AgentT:
         await app.backend.wait_until_loaded()
         await answerer.prepare()
         # Yielding the outcome lets agent.test_context() wait until a message is handled.
-        async for outcome in run_keyed(
-            stream.noack().events(),
-            key=lambda event: event.message.key,  # one conversation's messages in order
-            handle=answerer.handle_event,
-            # MARVIN_PARALLEL, where the backend can generate that many replies at once.
-            limit=app.backend.parallel,
-        ):
-            yield outcome
+        try:
+            async for outcome in run_keyed(
+                stream.noack().events(),
+                key=lambda event: event.message.key,  # one conversation's messages in order
+                handle=answerer.handle_event,
+                # MARVIN_PARALLEL, where the backend can generate that many replies at once.
+                limit=app.backend.parallel,
+            ):
+                yield outcome
+        except Exception as exc:
+            # A message neither answered nor dead-lettered (DeadLetterFailed, or a bug) is
+            # left unacknowledged, and commits stop below it. Faust would restart the agent
+            # past it and the worker would run on with its commits stuck: stop the worker
+            # instead; the next one reads the message again.
+            log.critical("Stopping the worker: a message was neither answered nor dead-lettered")
+            await app.crash(exc)
 
     agent = app.agent(app.chat_topics.chat, name=f"{__name__}.answer")(answer)
     agent.answerer = answerer  # type: ignore[attr-defined]  # for tests
