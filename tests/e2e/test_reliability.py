@@ -18,6 +18,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from marvin_faust.conversation import make_turn
+from marvin_faust.partitioners import murmur2_partitioner
 from marvin_faust.testing.kafka import (
     bootstrap_of,
     changelog_topic,
@@ -32,6 +33,7 @@ from marvin_faust.testing.verifier import (
     Sent,
     conversation_messages,
     human_message,
+    read_all,
     replies_by_message,
     verify,
 )
@@ -423,3 +425,168 @@ def test_a_rebalance_while_answers_wait_for_their_commit(start_worker, worker_en
         return
     drained = wait_answered(env, messages, timeout=120)
     check(env, messages, "rebalance before the commit", drain_s=round(drained, 1))
+
+
+# -- dead letters the broker will not take ----------------------------------------------------
+
+# The worker's producer refuses records over Faust's producer_max_request_size (1,000,000
+# bytes), below the broker's message.max.bytes (1,048,588): a chat record of 999,950 bytes
+# is on the chat topic, and over the limit once the dead-letter headers are added.
+NEAR_THE_LIMIT = 999_950
+# A dead-letter topic of 2,000-byte records refuses a 5,000-byte bad record whole, and takes
+# it reduced (about 350 bytes); one of 100 bytes takes nothing.
+SMALL_TOPIC, SMALL_RECORD, TINY_TOPIC = 2_000, 5_000, 100
+
+
+def bad_record_of(cid: str, size: int) -> Sent:
+    """A human message whose text is too long (``MARVIN_MAX_TEXT_CHARS``), ``size`` bytes."""
+    filler = size - len(wire_value(cid, ""))
+    return Sent(cid, str(uuid.uuid4()), wire_value(cid, "x" * filler), valid=False)
+
+
+async def admin_call(bootstrap: str, call):
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return await call(admin)
+    finally:
+        await admin.close()
+
+
+def create_dead_letter_topic(env: dict, max_message_bytes: int) -> None:
+    from aiokafka.admin import NewTopic
+
+    config = {"max.message.bytes": str(max_message_bytes)}
+    topic = NewTopic(env["MARVIN_DEAD_LETTER_TOPIC"], 1, 1, topic_configs=config)
+    run(admin_call(bootstrap_of(env), lambda admin: admin.create_topics([topic])))
+
+
+def set_dead_letter_topic_limit(env: dict, max_message_bytes: int) -> None:
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    resource = ConfigResource(
+        ConfigResourceType.TOPIC,
+        env["MARVIN_DEAD_LETTER_TOPIC"],
+        {"max.message.bytes": str(max_message_bytes)},
+    )
+    run(admin_call(bootstrap_of(env), lambda admin: admin.alter_configs([resource])))
+
+
+def committed_offsets(env: dict) -> dict[int, int]:
+    """The worker group's committed offset of each chat partition (the next one it reads)."""
+    offsets = run(
+        admin_call(
+            bootstrap_of(env),
+            lambda admin: admin.list_consumer_group_offsets(env["MARVIN_APP_ID"]),
+        )
+    )
+    return {
+        tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == env["MARVIN_TOPIC"]
+    }
+
+
+def place_of(env: dict, message: Sent) -> tuple[int, int]:
+    """(partition, offset) of ``message`` on the chat topic."""
+    records = run(read_all(bootstrap_of(env), env["MARVIN_TOPIC"]))
+    wanted = message.message_id.encode()
+    [record] = [r for r in records if dict(r.headers).get("uuid") == wanted]
+    return record.partition, record.offset
+
+
+def dead_letters_of(env: dict, message: Sent) -> list:
+    letters = run(read_all(bootstrap_of(env), env["MARVIN_DEAD_LETTER_TOPIC"]))
+    return [r for r in letters if dict(r.headers).get("uuid") == message.message_id.encode()]
+
+
+def assert_reduced(letter, message: Sent) -> None:
+    """A reduced dead letter: the reason, and where the record is instead of its bytes."""
+    headers = dict(letter.headers)
+    source = headers["dead-letter-source"].decode()
+    assert letter.value == source.encode()
+    assert headers["dead-letter-reason"].decode().startswith("bad message: text has")
+    assert headers["dead-letter-omitted"].decode() == f"value ({len(message.value)} bytes)"
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+@pytest.mark.parametrize("limit", ["producer", "topic"])
+def test_a_record_too_large_to_dead_letter_whole_goes_reduced(
+    start_worker, worker_env, guarantee, limit
+):
+    """A bad record that the worker's producer (``producer``: its max_request_size) or the
+    broker (``topic``: the dead-letter topic's max.message.bytes) would refuse once the reason
+    headers are added is dead-lettered reduced, its value replaced by where it is on the chat
+    topic, and the worker goes on."""
+    settings = {**STANDIN, "MARVIN_PROCESSING_GUARANTEE": guarantee}
+    env = {**worker_env, **settings}
+    size = NEAR_THE_LIMIT
+    if limit == "topic":
+        size = SMALL_RECORD
+        create_dead_letter_topic(env, SMALL_TOPIC)
+    worker = start_worker(**settings)
+    good = conversation_messages(8, 3)
+    bad = bad_record_of(good[0].cid, size)
+    messages = [*good[:8], bad, *good[8:]]
+    send(env, messages)
+    drained = wait_answered(env, messages)
+    [letter] = dead_letters_of(env, bad)
+    assert_reduced(letter, bad)
+    assert worker.process.poll() is None  # still running
+    check(env, messages, f"dead letter too large ({limit}), {guarantee}", drain_s=round(drained, 1))
+
+
+def cids_on_partition(partition: int, count: int, partitions: int) -> list[str]:
+    """``count`` conversation ids that murmur2 puts on ``partition``."""
+    every = list(range(partitions))
+    found: list[str] = []
+    while len(found) < count:
+        cid = str(uuid.uuid4())
+        if murmur2_partitioner(cid.encode(), every, every) == partition:
+            found.append(cid)
+    return found
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+def test_a_record_that_cannot_be_dead_lettered_stops_the_worker_unacknowledged(
+    start_worker, worker_env, guarantee
+):
+    """A bad record whose dead letter the broker refuses even reduced is neither answered nor
+    dead-lettered: the worker stops (exit non-zero) with no offset committed past it, and a
+    worker started once the topic takes it dead-letters it, reduced, with its reason."""
+    settings = {**STANDIN, "MARVIN_PROCESSING_GUARANTEE": guarantee}
+    env = {**worker_env, **settings}
+    create_dead_letter_topic(env, TINY_TOPIC)
+    worker = start_worker(**settings)
+    # Conversations on the bad record's partition, before and after it, and on the others.
+    same = cids_on_partition(0, 4, int(STANDIN["MARVIN_PARTITIONS"]))
+    before = [human_message(cid, "before the bad one") for cid in same]
+    bad = bad_record_of(same[0], SMALL_RECORD)
+    after = [human_message(cid, f"after the bad one, {i}") for i in range(3) for cid in same[1:]]
+    others = conversation_messages(8, 2)
+    messages = [*before, *others[:8], bad, *after, *others[8:]]
+    send(env, messages)
+
+    worker.process.wait(timeout=120)
+    assert worker.process.returncode != 0, worker.tail()
+    log = worker.log_text()
+    assert "Stopping the worker: a message was neither answered nor dead-lettered" in log
+    assert "DeadLetterFailed: could not dead-letter" in log
+    partition, offset = place_of(env, bad)
+    committed = committed_offsets(env)
+    print(f"\n[dead letter refused] bad record at {partition}@{offset}, committed {committed}")
+    assert committed.get(partition, 0) <= offset, committed
+    assert dead_letters_of(env, bad) == []
+
+    set_dead_letter_topic_limit(env, SMALL_TOPIC)
+    start_worker(data_dir=worker.data_dir, **settings)
+    drained = wait_answered(env, messages)
+    [letter] = dead_letters_of(env, bad)
+    assert_reduced(letter, bad)
+    check(
+        env,
+        messages,
+        f"dead letter refused, then taken, {guarantee}",
+        duplicates_allowed=guarantee == "at_least_once",
+        drain_s=round(drained, 1),
+    )
