@@ -743,3 +743,18 @@ async def test_a_revoked_partitions_writes_are_not_recorded():
     pending[CHANGELOG_2] = (store, 7)
     await manager.on_rebalance({CHAT_1, CHANGELOG_1}, {CHAT_2, CHANGELOG_2}, set())
     assert pending == {CHANGELOG_1: (store, 41)}
+
+
+async def test_the_broker_holds_an_empty_fetch_briefly(unit_app):
+    thread = unit_app.consumer._thread
+    consumer = thread._create_worker_consumer(unit_app.transport)
+    assert consumer._fetch_max_wait_ms == faust_fixes.FETCH_MAX_WAIT_MS == 100
+
+
+async def test_with_fix_11_off_the_broker_holds_an_empty_fetch_for_faust_s_1_5_s(
+    unit_app, monkeypatch
+):
+    monkeypatch.setattr(unit_app.transport, "disabled", frozenset({11}))
+    thread = unit_app.consumer._thread
+    consumer = thread._create_worker_consumer(unit_app.transport)
+    assert consumer._fetch_max_wait_ms == 1500
