@@ -1,5 +1,5 @@
 """Recovery: a worker with an empty state directory rebuilds the history table from its
-changelog, then answers the next message.
+changelog, then answers the next message; then a worker restarted on the largest one's state.
 
 The changelog is filled directly, in the table's own format: topic
 ``<app id>-conversation-history-changelog``, key = the conversation id's UTF-8 bytes, value =
@@ -7,7 +7,10 @@ the JSON list of turns, partition = the chat topic's for that key (the producer'
 murmur2 partitioner over the same partition count). A first worker, started on an empty
 changelog, creates the topics and is the baseline. Each later worker starts with a new, empty
 data dir while a human message to one recovered conversation already waits on the chat topic:
-its reply (the stand-in echoes its prompt) must hold that conversation's stored turns.
+its reply (the stand-in echoes its prompt) must hold that conversation's stored turns. Last,
+the worker that rebuilt the most is restarted on its own data dir after its clean stop: it
+holds every history, and its own write (the reply's history, in a transaction) ends one
+changelog partition.
 
 The first worker also answers one message on every chat partition, so that the consumer group
 has a committed offset everywhere before the recovery runs. Without that, a waiting message on
@@ -24,6 +27,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -73,10 +77,12 @@ class RecoveryResult:
     seconds_to_answer: float | None  # None: no answer within the wait
     history_recovered: bool
     note: str = ""
+    start: str = "empty data dir"
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "conversations": self.conversations,
+            "start": self.start,
             "changelog_mib": round(self.changelog_bytes / 2**20, 2),
             "seconds_to_ready_line": round(self.seconds_to_ready_line, 2),
             "seconds_to_answer": None
@@ -95,14 +101,16 @@ def start_and_ask(
     expect: str | None,
     answer_wait: float,
     also_ask: tuple[str, ...] = (),
+    data_dir: Path | None = None,
 ) -> tuple[float, float | None, bool, str]:
-    """Start a worker on an empty data dir with a message to ``cid`` already waiting.
+    """Start a worker on ``data_dir`` (default: a new one) with a message to ``cid`` already
+    waiting; the worker stops cleanly after.
 
     Returns (seconds to the Ready line, seconds to the reply or None if none came within
     ``answer_wait`` s after Ready, whether the reply holds ``expect``, a note), times from the
     moment the process is started.
     """
-    worker = cluster.worker(env, name, wait=False)
+    worker = cluster.worker(env, name, data_dir=data_dir, wait=False)
 
     async def run() -> tuple[float, float | None, bool, str]:
         async with Driver(cluster.bootstrap, env["MARVIN_TOPIC"], "read_committed") as driver:
@@ -147,14 +155,27 @@ def recovery(
     cids: list[str] = []
     written = 0
     results = []
+    data_dir = None
     for size in sorted(sizes):
         new = [str(uuid.uuid4()) for _ in range(size - len(cids))]
         written += asyncio.run(fill_changelog(cluster.bootstrap, topic, new, turns))
         cids += new
         probe = cids[len(cids) // 2]
         last_turn = stored_turns(probe, turns)[-1]["text"]
+        data_dir = cluster.workdir / f"recovery-{size}-state"
         ready, answered, held, note = start_and_ask(
-            cluster, env, f"recovery-{size}", probe, last_turn, answer_wait
+            cluster, env, f"recovery-{size}", probe, last_turn, answer_wait, data_dir=data_dir
         )
         results.append(RecoveryResult(size, written, ready, answered, held, note))
+    if cids:
+        probe = cids[len(cids) // 3]
+        last_turn = stored_turns(probe, turns)[-1]["text"]
+        ready, answered, held, note = start_and_ask(
+            cluster, env, f"restart-{len(cids)}", probe, last_turn, answer_wait, data_dir=data_dir
+        )
+        results.append(
+            RecoveryResult(
+                len(cids), written, ready, answered, held, note, start="restart on its own"
+            )
+        )
     return baseline, results

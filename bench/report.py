@@ -382,6 +382,7 @@ def _recovery(section: dict[str, Any]) -> list[str]:
         table.append(
             [
                 row["conversations"],
+                row.get("start", "empty data dir"),
                 row["changelog_mib"],
                 row["seconds_to_ready_line"],
                 answered if answered is not None else "no answer",
@@ -398,11 +399,13 @@ def _recovery(section: dict[str, Any]) -> list[str]:
         f"A worker with an empty data dir rebuilds the history table from its changelog "
         f"({section['turns_per_conversation']} turns per conversation), then answers a "
         "message that was waiting for it; times from the process start. The first row (an "
-        "empty changelog) is the baseline: start-up alone.",
+        "empty changelog) is the baseline: start-up alone. The last row restarts the worker "
+        "that rebuilt the most on its own data dir, after its clean stop.",
         "",
         *_table(
             [
                 "conversations",
+                "data dir",
                 "changelog MiB",
                 "s to Ready line",
                 "s to answer",

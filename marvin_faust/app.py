@@ -140,6 +140,8 @@ def faust_options(settings: Settings) -> dict[str, Any]:
         "datadir": str(settings.data_dir),
         # Everything is declared by create_app: nothing to scan for.
         "autodiscover": False,
+        # Faust's table manager on the fixed table recovery (faust_fixes, fix 9).
+        "TableManager": faust_fixes.TableManager,
         "origin": "marvin_faust",
         "topic_partitions": settings.partitions,
         # Keys placed as the fleet's producers place them, so table_route finds a conversation

@@ -1,8 +1,9 @@
-"""Eight fixes to faust-streaming, as subclasses of its aiokafka transport.
+"""Eleven fixes to faust-streaming, as subclasses of its aiokafka transport and table manager.
 
 ``MarvinApp`` runs on :class:`Transport`, whose consumer, consumer thread and transaction
-manager carry the fixes; nothing in Faust is replaced process-wide, so another Faust app in the
-same process (the bench's baseline) runs on Faust as released. The fixes were verified on
+manager carry the fixes, and on :class:`TableManager`, whose table recovery does; nothing in
+Faust is replaced process-wide, so another Faust app in the same process (the bench's baseline)
+runs on Faust as released. The fixes were verified on
 faust-streaming :data:`VERIFIED_FAUST_VERSION` only: :func:`check_faust_version` stops a start
 on any other. ``MARVIN_DISABLED_FAUST_FIXES`` turns fixes off by number, for the tests that show
 a fix's bug without it. None is fixed upstream.
@@ -48,15 +49,37 @@ a fix's bug without it. None is fixed upstream.
    crash then lost it), and its reply sat in a transaction no later commit ended (seen: a reply
    invisible for minutes, 2 runs in 3 with 4 generations in flight). Commits stop below the
    lowest delivered offset not yet acknowledged.
+9. A recovery ends where its changelog does. The recovery waits until it has applied the
+   changelog partition's last offset, but under exactly_once that offset is a transaction
+   marker, never delivered: Faust took such a partition as recovered only after two idle 5 s
+   cycles ("Aborted tx until highwater"), and under at_least_once never. The consumer thread
+   notes, after each fetch, up to where a changelog partition holds no record it has not
+   handed out; the recovery takes a partition as recovered once it has applied every record
+   handed out and the consumer's position is past the highwater.
+10. Changelog offsets recorded at commit. Under exactly_once Faust records how far its own
+   changelog writes got (RocksDB's persisted offset) only when they commit, but files them under
+   the changelog partition and looks them up under the committed source partition: it never
+   records them (robinhood/faust#599), and every recovery read again what the worker itself had
+   written. A commit of a transaction records the offsets of the changelog writes delivered in
+   it.
+11. Short fetch long polls. Faust's consumer asks the broker to hold a fetch up to 1.5 s while
+   nothing new is there (aiokafka's default: 0.5 s), and the broker answers one request of a
+   connection at a time: each offset lookup of a recovery (highwaters, earliest offsets, the
+   seek of partitions never committed) and the first fetch of a partition just resumed waited
+   behind such a fetch, about 1.4 s each, 4.5 s of every start. Fetches wait at most
+   :data:`FETCH_MAX_WAIT_MS`.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Iterable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import faust
 from faust.streams import current_event
+from faust.tables.manager import TableManager as BaseTableManager
+from faust.tables.recovery import Recovery as BaseRecovery
 from faust.transport.consumer import (
     CONSUMER_PARTITIONS_REVOKED,
     TopicPartitionGroup,
@@ -67,7 +90,11 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, HeadersArg, RecordMetadata
 
 VERIFIED_FAUST_VERSION = "0.15.3"
-FIXES = frozenset(range(1, 9))
+FIXES = frozenset(range(1, 12))
+
+# Fix 11: how long the broker may hold a fetch that finds nothing new. A lookup or a resumed
+# partition waits at most this long; an idle worker sends 1/FETCH_MAX_WAIT fetches a second.
+FETCH_MAX_WAIT_MS = 100
 
 
 class FaustVersionError(Exception):
@@ -96,6 +123,18 @@ def _fixes(service: Any, number: int) -> bool:
 
 
 # -- The consumer thread -----------------------------------------------------------------------
+
+
+class ShortLongPolls:
+    """Fix 11: a fetch finding nothing new is held by the broker :data:`FETCH_MAX_WAIT_MS`,
+    not Faust's 1.5 s, so the offset lookups behind it on the same connection do not wait."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        if _fixes(self.consumer, 11):
+            # Faust passes fetch_max_wait_ms=1500 itself; aiokafka reads it at start.
+            consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+        return consumer
 
 
 class HighwatersFromTheBroker:
@@ -130,8 +169,115 @@ class NeverCommittedFromTheStart:
         return committed
 
 
+class ChangelogRead(NamedTuple):
+    """What a consumer read of a changelog partition: no record it did not hand out lies
+    between ``last`` and ``position`` (both excluded)."""
+
+    last: int
+    position: int
+
+
+def changelog_read(
+    before: ChangelogRead | None, handed_out: list[Any], position: int | None
+) -> ChangelogRead | None:
+    """A changelog partition's read after a fetch that handed out ``handed_out`` (its records, in
+    offset order) and left the consumer at ``position``; ``before``: its read before that fetch,
+    since the last seek.
+
+    A fetch hands out a partition's records in order and moves the position past what it
+    skipped (transaction markers, aborted records), so nothing unread lies between its last
+    record and the position. Without records that holds from the read before it, if any.
+    """
+    if position is None:
+        return None
+    if handed_out:
+        return ChangelogRead(handed_out[-1].offset, position)
+    if before is None:
+        return None
+    return ChangelogRead(before.last, position)
+
+
+def _positions(consumer: Any, tps: Iterable[TP]) -> dict[TP, int]:
+    """aiokafka's current positions of ``tps`` (those it has one for), without waiting."""
+    subscription = consumer._subscription.subscription
+    assignment = subscription.assignment if subscription is not None else None
+    positions = {}
+    for tp in tps:
+        state = assignment.state_value(tp) if assignment is not None else None
+        if state is not None and state.has_valid_position:
+            positions[tp] = state.position
+    return positions
+
+
+class NotesChangelogReads:
+    """Fix 9, the consumer thread's half: after each fetch, how far each changelog partition
+    was read (:class:`ChangelogRead`), for the recovery."""
+
+    changelog_reads: dict[TP, ChangelogRead]
+
+    async def _fetch_records(
+        self,
+        consumer: Any,
+        active_partitions: set[TP],
+        timeout: float | None = None,
+        max_records: int | None = None,
+    ) -> Mapping[TP, list[Any]]:
+        records = await super()._fetch_records(
+            consumer, active_partitions, timeout=timeout, max_records=max_records
+        )
+        if not _fixes(self.consumer, 9) or not active_partitions:
+            return records
+        # No await from the fetch to here: the positions are the ones the fetch left.
+        changelogs = [tp for tp in active_partitions if self.consumer._is_changelog_tp(tp)]
+        positions = _positions(consumer, changelogs)
+        reads = self.changelog_reads
+        moved_without_records = False
+        for tp in changelogs:
+            before = reads.get(tp)
+            read = changelog_read(before, records.get(tp, []), positions.get(tp))
+            if read is None:
+                reads.pop(tp, None)
+                continue
+            reads[tp] = read  # one assignment: the recovery reads it from the app's thread
+            if tp not in records and before is not None and read.position != before.position:
+                moved_without_records = True
+        if moved_without_records and not self.parent_loop.is_closed():
+            # Only markers past the last record: no event will tell the recovery.
+            self.parent_loop.call_soon_threadsafe(self._changelog_moved)
+        return records
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Written by this thread, read by the app's: each value is replaced, never changed.
+        self.changelog_reads: dict[TP, ChangelogRead] = {}
+
+    async def _seek_wait(self, consumer: Any, partitions: Mapping[TP, int]) -> None:
+        # A read holds from one seek to the next: the recovery's seeks start each one afresh.
+        for tp, offset in partitions.items():
+            self.changelog_reads[tp] = ChangelogRead(offset - 1, offset)
+        await super()._seek_wait(consumer, partitions)
+
+    def seek(self, partition: TP, offset: int) -> None:
+        self.changelog_reads.pop(partition, None)
+        super().seek(partition, offset)
+
+    async def seek_to_beginning(self, *partitions: Any) -> None:
+        for tp in partitions:
+            self.changelog_reads.pop(tp, None)
+        await super().seek_to_beginning(*partitions)
+
+    def _changelog_moved(self) -> None:
+        recovery = self.app.tables.recovery
+        if isinstance(recovery, EndsWhereTheChangelogEnds):
+            recovery.on_changelog_moved()
+
+
 class ConsumerThread(
-    HighwatersFromTheBroker, NeverCommittedFromTheStart, faust_aiokafka.AIOKafkaConsumerThread
+    ShortLongPolls,
+    HighwatersFromTheBroker,
+    NeverCommittedFromTheStart,
+    NotesChangelogReads,
+    faust_aiokafka.AIOKafkaConsumerThread,
 ):
     pass
 
@@ -248,19 +394,112 @@ class Consumer(
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
 
+# -- The table recovery ------------------------------------------------------------------------
+
+
+def read_to_the_end(applied: int | None, highwater: int | None, read: ChangelogRead | None) -> bool:
+    """Whether a changelog partition is recovered: every record up to ``applied`` is in the
+    table, and ``read`` shows nothing else before the position, which is past ``highwater``
+    (Faust's highwater: the partition's last offset, a transaction marker under exactly_once).
+    """
+    return (
+        applied is not None
+        and highwater is not None
+        and read is not None
+        and applied >= read.last
+        and read.position > highwater
+    )
+
+
+class EndSignal(asyncio.Event):
+    """The recovery's end signal, which knows whether anyone waits for it: the recovery does
+    from the moment it starts reading the changelogs."""
+
+    waiting = 0
+
+    async def wait(self) -> Literal[True]:
+        self.waiting += 1
+        try:
+            return await super().wait()
+        finally:
+            self.waiting -= 1
+
+
+class EndsWhereTheChangelogEnds:
+    """Fix 9: a recovery does not wait for a transaction marker it will never be handed."""
+
+    _signal_recovery_end: EndSignal | None
+
+    def need_recovery(self) -> bool:
+        if _fixes(self.app, 9):
+            self._take_read_partitions_as_recovered()
+        return super().need_recovery()
+
+    def _take_read_partitions_as_recovered(self) -> None:
+        reads: Mapping[TP, ChangelogRead] = getattr(
+            self.app.consumer._thread, "changelog_reads", {}
+        )
+        offsets = self.active_offsets
+        for tp, highwater in self.active_highwaters.items():
+            applied = offsets.get(tp)
+            if applied is None or highwater is None or applied >= highwater:
+                continue
+            if read_to_the_end(applied, highwater, reads.get(tp)):
+                self.log.info(
+                    "Changelog %s read to its end: nothing to apply after offset %s up to the "
+                    "highwater %s (transaction markers)",
+                    tp,
+                    applied,
+                    highwater,
+                )
+                # As Faust's own "Aborted tx until highwater", without its two idle cycles.
+                offsets[tp] = highwater
+
+    @property
+    def signal_recovery_end(self) -> EndSignal:
+        if self._signal_recovery_end is None:
+            self._signal_recovery_end = EndSignal()
+        return self._signal_recovery_end
+
+    def on_changelog_moved(self) -> None:
+        """A fetch moved a changelog partition past markers without handing out a record: no
+        event will make the recovery look again, Faust's own end of a recovery only runs after
+        an idle 5 s. Ends the recovery as Faust's own end does, if the recovery is reading: a
+        rebalance can come between the fetch and this call, and a recovery that starts reading
+        after an end signalled early would not read at all."""
+        if self.signal_recovery_end.waiting and self.in_recovery and not self.need_recovery():
+            self.flush_buffers()
+            self._set_recovery_ended()
+            self.signal_recovery_end.set()
+
+
+class Recovery(EndsWhereTheChangelogEnds, BaseRecovery):
+    pass
+
+
+class TableManager(BaseTableManager):
+    """Faust's table manager, on the fixed :class:`Recovery`."""
+
+    @property
+    def recovery(self) -> Recovery:
+        if self._recovery is None:
+            self._recovery = Recovery(self.app, self, beacon=self.beacon, loop=self.loop)
+        return self._recovery
+
+
 # -- The transaction manager -------------------------------------------------------------------
 
 
+def _transactional_id(manager: Any, tp: TP) -> str:
+    """The transactional id of ``tp``, standby or not (Faust's own helper leaves standbys out)."""
+    group = manager.app.assignor.group_for_topic(tp.topic)
+    return manager.transactional_id_format.format(
+        tpg=TopicPartitionGroup(tp.topic, tp.partition, group), group_id=manager.app.conf.id
+    )
+
+
 def _transactional_ids(manager: Any, tps: Iterable[TP]) -> set[str]:
-    """The transactional ids of ``tps``, standby or not (Faust's own helper leaves standbys out)."""
-    assignor = manager.app.assignor
-    return {
-        manager.transactional_id_format.format(
-            tpg=TopicPartitionGroup(tp.topic, tp.partition, assignor.group_for_topic(tp.topic)),
-            group_id=manager.app.conf.id,
-        )
-        for tp in tps
-    }
+    return {_transactional_id(manager, tp) for tp in tps}
 
 
 class StopsRevokedProducers:
@@ -304,8 +543,54 @@ class SendsInTheEventsTransaction:
         )
 
 
+class RecordsCommittedChangelogOffsets:
+    """Fix 10 (robinhood/faust#599): a commit records how far the changelog writes it commits
+    got, as RocksDB's persisted offset, so that the next recovery starts after them."""
+
+    async def commit(self, offsets: Mapping[TP, int], start_new_transaction: bool = True) -> bool:
+        if not _fixes(self, 10):
+            return await super().commit(offsets, start_new_transaction=start_new_transaction)
+        # Faust files each delivered changelog write here (under exactly_once only) until its
+        # transaction commits. What is delivered now is in the transactions this commit ends;
+        # a transaction without its producer commits nothing ("Commit invoked for unknown
+        # transaction").
+        pending = self.app.tables._pending_persisted_offsets
+        committing = _transactional_ids(self, offsets) & set(self.producer._transaction_producers)
+        written = {
+            tp: entry
+            for tp, entry in list(pending.items())
+            if _transactional_id(self, tp) in committing
+        }
+        committed = await super().commit(offsets, start_new_transaction=start_new_transaction)
+        if not committed or self.app.crashed:  # a fenced producer crashes the app, no raise
+            return committed
+        for tp, entry in written.items():
+            store, offset = entry
+            persisted = store.persisted_offset(tp)
+            if persisted is None or offset > persisted:
+                store.set_persisted_offset(tp, offset)
+            if pending.get(tp) == entry:
+                del pending[tp]
+        return committed
+
+    async def on_rebalance(
+        self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP]
+    ) -> None:
+        if _fixes(self, 10):
+            # A revoked partition's producer stops (fix 2) and its open transaction never
+            # commits: its writes are not to be recorded.
+            gone = _transactional_ids(self, revoked) - self._tps_to_transactional_ids(assigned)
+            pending = self.app.tables._pending_persisted_offsets
+            for tp in [tp for tp in pending if _transactional_id(self, tp) in gone]:
+                del pending[tp]
+        await super().on_rebalance(assigned, revoked, newly_assigned)
+
+
 class TransactionManager(
-    StopsRevokedProducers, SendsInTheEventsTransaction, BaseTransactionManager
+    RecordsCommittedChangelogOffsets,
+    StopsRevokedProducers,
+    SendsInTheEventsTransaction,
+    BaseTransactionManager,
 ):
     pass
 

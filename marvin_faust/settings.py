@@ -110,7 +110,7 @@ class Settings(BaseSettings):
 
     disabled_faust_fixes: str = Field(
         "",
-        pattern=r"^\s*([1-8]\s*(,\s*[1-8]\s*)*)?$",
+        pattern=r"^\s*((1[01]|[1-9])\s*(,\s*(1[01]|[1-9])\s*)*)?$",
         description=(
             "Faust fixes to turn off, by number (faust_fixes.py), e.g. 6 or 4,6: only to show "
             "what a fix prevents."

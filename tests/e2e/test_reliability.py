@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -218,6 +219,95 @@ def test_local_state_deleted_while_down_is_rebuilt_identically(start_worker, wor
         assert all(line in reply["text"].splitlines() for line in earlier), reply["text"]
         assert reply["text"].endswith("human: after the wipe")
     check(env, first + second, "state dir deleted", resume_s=round(resumed, 1))
+
+
+def recovery_log_table(log: str, title: str) -> dict[int, int]:
+    """The last ``title`` table Faust's recovery logged ("Highwater - Active", "Reading Starts
+    At - Active"): changelog partition -> offset."""
+    rows: dict[int, int] = {}
+    lines = log.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(f"+{title}")]
+    assert starts, f"no {title!r} table in the log"
+    for line in lines[starts[-1] + 1 :]:
+        if line.startswith("+") and rows:
+            break
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 3 and cells[1].isdigit():
+            rows[int(cells[1])] = int(cells[2])
+    return rows
+
+
+def follow_ups(cids: list[str], text: str) -> list[Sent]:
+    return [human_message(cid, text) for cid in cids]
+
+
+def assert_replies_hold(env: dict, messages: list[Sent], earlier: dict[str, list[str]]) -> None:
+    """Each reply to ``messages`` (the stand-in echoes its prompt) holds its conversation's
+    ``earlier`` human texts, the message's own last."""
+    replies = run(replies_by_message(bootstrap_of(env), env["MARVIN_TOPIC"]))
+    for m in messages:
+        [reply] = replies[m.message_id]
+        lines = reply["text"].splitlines()
+        assert all(f"human: {text}" in lines for text in earlier[m.cid]), reply["text"]
+        assert lines[-1] == f"human: {earlier[m.cid][-1]}", reply["text"]
+
+
+@pytest.mark.parametrize("fixes", ["on", "off"])
+def test_a_recovery_reads_a_transactional_changelog_to_its_end(start_worker, worker_env, fixes):
+    """A worker recovers every conversation from a changelog that a worker wrote under
+    exactly_once, where every partition ends in a transaction marker, and a worker restarted
+    on its own state reads nothing it wrote itself again (faust_fixes.py's fixes 9 and 10).
+
+    Without fix 9 Faust waits two idle 5 s cycles per recovery for the marker it is never
+    handed, then logs "Aborted tx until highwater"; without fix 10 a restart starts reading
+    where its previous recovery ended, and reads its own writes again.
+    """
+    settings = {**STANDIN, "MARVIN_DISABLED_FAUST_FIXES": "9,10" if fixes == "off" else ""}
+    env = {**worker_env, **settings}
+    partitions = int(STANDIN["MARVIN_PARTITIONS"])
+    cids = one_conversation_per_partition(partitions) + [str(uuid.uuid4()) for _ in range(8)]
+    first = [human_message(cid, f"first of {cid[:8]}") for cid in cids]
+    writer = start_worker(**settings)
+    send(env, first)
+    wait_answered(env, first)
+    writer.stop()
+
+    # A new worker, an empty data dir: everything from the changelog.
+    rebuilt = start_worker(**settings)
+    log = rebuilt.log_text()
+    highwaters = recovery_log_table(log, "Highwater - Active")
+    assert set(highwaters) == set(range(partitions))
+    if fixes == "off":
+        assert "Aborted tx until highwater" in log  # the idle cycles, fix 9's bug
+    else:
+        assert "Aborted tx until highwater" not in log
+        ends = re.findall(r"Changelog \w+\(topic='[^']*', partition=(\d+)\) read to its end", log)
+        assert {int(p) for p in ends} == set(range(partitions))
+    second = follow_ups(cids, "second")
+    send(env, second)
+    wait_answered(env, second)
+    assert_replies_hold(env, second, {cid: [f"first of {cid[:8]}", "second"] for cid in cids})
+    rebuilt.stop()
+
+    # The same worker's state again, after a clean stop: its own writes are in it.
+    restarted = start_worker(data_dir=rebuilt.data_dir, **settings)
+    log = restarted.log_text()
+    highwaters = recovery_log_table(log, "Highwater - Active")
+    starts = recovery_log_table(log, "Reading Starts At - Active")
+    # Each partition's last record is the rebuilt worker's own write, its marker after it.
+    if fixes == "off":
+        assert all(starts[p] < highwaters[p] - 1 for p in highwaters), (starts, highwaters)
+        assert "Aborted tx until highwater" in log
+    else:
+        assert starts == {p: highwaters[p] - 1 for p in highwaters}, (starts, highwaters)
+        assert "Aborted tx until highwater" not in log
+    third = follow_ups(cids, "third")
+    send(env, third)
+    wait_answered(env, third)
+    assert_replies_hold(
+        env, third, {cid: [f"first of {cid[:8]}", "second", "third"] for cid in cids}
+    )
+    check(env, first + second + third, f"recovery to the changelog's end, fixes 9 and 10 {fixes}")
 
 
 async def write_histories(bootstrap: str, topic: str, histories: dict[str, list[dict]]) -> None:

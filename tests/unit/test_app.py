@@ -21,3 +21,11 @@ def test_state_left_by_a_clean_shutdown_is_kept_and_the_marker_consumed(tmp_path
 def test_no_state_nothing_to_drop(tmp_path):
     assert discard_unclean_state(tmp_path / "missing") is False
     assert discard_unclean_state(tmp_path) is False
+
+
+def test_the_app_runs_on_the_fixed_transport_and_table_recovery(unit_app):
+    from marvin_faust import faust_fixes
+
+    assert isinstance(unit_app.transport, faust_fixes.Transport)
+    assert isinstance(unit_app.tables, faust_fixes.TableManager)
+    assert isinstance(unit_app.tables.recovery, faust_fixes.Recovery)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
 from faust.streams import _current_event
+from faust.tables.manager import TableManager as BaseTableManager
+from faust.tables.recovery import Recovery as BaseRecovery
 from faust.transport.consumer import Consumer as BaseConsumer
 from faust.types import TP
 from intervaltree import IntervalTree
@@ -405,3 +407,354 @@ def test_commits_go_up_to_the_first_unfinished_event():
     assert consumer.commit() == 13
     consumer.ack(unfinished)
     assert consumer.commit() == 15
+
+
+CHANGELOG = TP("app-conversation-history-changelog", 0)
+
+
+def record(offset: int) -> SimpleNamespace:
+    return SimpleNamespace(offset=offset)
+
+
+def test_a_read_runs_from_the_last_record_handed_out_to_the_position():
+    # Records 10-12 handed out, then a commit marker at 13: the position is 14.
+    read = faust_fixes.changelog_read(None, [record(10), record(11), record(12)], 14)
+    assert read == faust_fixes.ChangelogRead(last=12, position=14)
+    # A later fetch hands out nothing and moves past more markers: still nothing unread.
+    assert faust_fixes.changelog_read(read, [], 16) == (12, 16)
+    # No read since the seek and nothing handed out: nothing is known.
+    assert faust_fixes.changelog_read(None, [], 16) is None
+    assert faust_fixes.changelog_read(read, [record(16)], None) is None
+
+
+@pytest.mark.parametrize(
+    ("applied", "highwater", "read", "recovered"),
+    [
+        (12, 13, faust_fixes.ChangelogRead(12, 14), True),  # the marker at 13 is all that is left
+        (11, 13, faust_fixes.ChangelogRead(12, 14), False),  # record 12 is not applied yet
+        (12, 13, faust_fixes.ChangelogRead(12, 13), False),  # the marker was not read past
+        (12, 20, faust_fixes.ChangelogRead(12, 14), False),  # more was written since
+        (12, 13, None, False),
+        (None, 13, faust_fixes.ChangelogRead(12, 14), False),
+    ],
+)
+def test_a_partition_is_recovered_when_nothing_unapplied_lies_before_the_position(
+    applied, highwater, read, recovered
+):
+    assert faust_fixes.read_to_the_end(applied, highwater, read) is recovered
+
+
+class AioKafkaPositions:
+    """The part of aiokafka's subscription state fix 9 reads: a position per partition."""
+
+    def __init__(self) -> None:
+        self.positions: dict[TP, int] = {}
+        assignment = SimpleNamespace(state_value=self._state)
+        self._subscription = SimpleNamespace(subscription=SimpleNamespace(assignment=assignment))
+
+    def _state(self, tp):
+        if tp not in self.positions:
+            return None
+        return SimpleNamespace(has_valid_position=True, position=self.positions[tp])
+
+
+class FaustFetches:
+    """Faust's consumer thread as fix 9 sees it: each fetch hands out the records the test
+    queued and moves aiokafka's positions; seeks move them too."""
+
+    def __init__(self, recovery) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.parent_loop = self.loop
+        self.aiokafka = AioKafkaPositions()
+        self.consumer = SimpleNamespace(
+            transport=ALL_FIXES_ON, _is_changelog_tp=lambda tp: tp.topic.endswith("-changelog")
+        )
+        self.app = SimpleNamespace(tables=SimpleNamespace(recovery=recovery))
+        self.fetches: list[tuple[dict, dict]] = []
+        self.__post_init__()
+
+    def __post_init__(self) -> None:
+        pass
+
+    def fetch_returns(self, records: dict, positions: dict) -> None:
+        self.fetches.append((records, positions))
+
+    async def _fetch_records(self, consumer, active_partitions, timeout=None, max_records=None):
+        records, positions = self.fetches.pop(0)
+        consumer.positions.update(positions)
+        return records
+
+    async def _seek_wait(self, consumer, partitions) -> None:
+        consumer.positions.update(partitions)
+
+    def seek(self, partition, offset) -> None:
+        self.aiokafka.positions[partition] = offset
+
+    async def fetch(self) -> dict:
+        return await self._fetch_records(self.aiokafka, {CHANGELOG, PARTITION})
+
+
+class NotingReads(faust_fixes.NotesChangelogReads, FaustFetches):
+    pass
+
+
+class MovedRecovery(faust_fixes.EndsWhereTheChangelogEnds):
+    """Stands in for the recovery: ``on_changelog_moved`` recorded."""
+
+    def __init__(self) -> None:
+        self.moved = 0
+
+    def on_changelog_moved(self) -> None:
+        self.moved += 1
+
+
+async def test_the_consumer_thread_notes_how_far_each_changelog_was_read():
+    recovery = MovedRecovery()
+    thread = NotingReads(recovery)
+    await thread._seek_wait(thread.aiokafka, {CHANGELOG: 10})
+    assert thread.changelog_reads == {CHANGELOG: (9, 10)}
+    # Records 10-12 and the marker at 13 behind them; the chat partition is not a changelog.
+    thread.fetch_returns({CHANGELOG: [record(10), record(11), record(12)]}, {CHANGELOG: 14})
+    await thread.fetch()
+    assert thread.changelog_reads == {CHANGELOG: (12, 14)}
+    await settle()
+    assert recovery.moved == 0  # the records themselves reach the recovery
+    # The marker behind the last record came in a fetch of its own: nothing else will tell.
+    thread.fetch_returns({}, {CHANGELOG: 15})
+    await thread.fetch()
+    assert thread.changelog_reads == {CHANGELOG: (12, 15)}
+    await settle()
+    assert recovery.moved == 1
+    thread.fetch_returns({}, {CHANGELOG: 15})  # an idle fetch
+    await thread.fetch()
+    await settle()
+    assert recovery.moved == 1
+
+
+async def test_a_read_starts_afresh_at_every_seek():
+    thread = NotingReads(MovedRecovery())
+    await thread._seek_wait(thread.aiokafka, {CHANGELOG: 10})
+    thread.fetch_returns({CHANGELOG: [record(10)]}, {CHANGELOG: 11})
+    await thread.fetch()
+    # Seeking forward skips records 11-39: the read from 10 says nothing about them.
+    await thread._seek_wait(thread.aiokafka, {CHANGELOG: 40})
+    thread.fetch_returns({}, {CHANGELOG: 42})
+    await thread.fetch()
+    assert thread.changelog_reads == {CHANGELOG: (39, 42)}
+    thread.seek(CHANGELOG, 50)
+    assert CHANGELOG not in thread.changelog_reads
+
+
+async def test_with_fix_9_off_the_consumer_thread_notes_nothing():
+    thread = NotingReads(MovedRecovery())
+    thread.consumer.transport = SimpleNamespace(disabled=frozenset({9}))
+    thread.fetch_returns({CHANGELOG: [record(0)]}, {CHANGELOG: 2})
+    await thread.fetch()
+    assert thread.changelog_reads == {}
+
+
+class FaustRecovers:
+    """Faust's recovery as fix 9 sees it: its own ``need_recovery`` over the active highwaters
+    and offsets, its end of a recovery recorded."""
+
+    need_recovery = BaseRecovery.need_recovery
+    active_remaining = BaseRecovery.active_remaining
+
+    def __init__(self, reads: dict, transport: SimpleNamespace = ALL_FIXES_ON) -> None:
+        self.app = SimpleNamespace(
+            transport=transport,
+            consumer=SimpleNamespace(_thread=SimpleNamespace(changelog_reads=reads)),
+        )
+        self.log = SimpleNamespace(info=lambda *args: None)
+        self.active_highwaters = Counter()
+        self.active_offsets = Counter()
+        self.in_recovery = True
+        self._signal_recovery_end = None
+        self.flushed = False
+
+    def flush_buffers(self) -> None:
+        self.flushed = True
+
+    def _set_recovery_ended(self) -> None:
+        self.in_recovery = False
+
+
+class Recovering(faust_fixes.EndsWhereTheChangelogEnds, FaustRecovers):
+    pass
+
+
+@pytest.mark.parametrize("fix_9", ["on", "off"])
+def test_a_changelog_ending_in_a_marker_is_recovered_once_read_past_it(fix_9):
+    reads = {CHANGELOG: faust_fixes.ChangelogRead(12, 14)}
+    transport = SimpleNamespace(disabled=frozenset() if fix_9 == "on" else {9})
+    recovery = Recovering(reads, transport)
+    recovery.active_highwaters[CHANGELOG] = 13  # Faust's highwater: the marker's offset
+    recovery.active_offsets[CHANGELOG] = 11
+    assert recovery.need_recovery()  # record 12 is still to be applied
+    recovery.active_offsets[CHANGELOG] = 12
+    if fix_9 == "off":
+        # Faust waits for offset 13, which is never handed out (two idle cycles, then its
+        # "Aborted tx until highwater").
+        assert recovery.need_recovery()
+        return
+    assert not recovery.need_recovery()
+    assert recovery.active_offsets[CHANGELOG] == 13
+
+
+async def test_a_move_past_the_last_markers_ends_the_recovery_at_once():
+    reads = {CHANGELOG: faust_fixes.ChangelogRead(12, 13)}
+    recovery = Recovering(reads)
+    recovery.active_highwaters[CHANGELOG] = 13
+    recovery.active_offsets[CHANGELOG] = 12  # everything handed out is applied
+    # Faust's recovery reading the changelogs, waiting for their end:
+    reading = asyncio.ensure_future(recovery.signal_recovery_end.wait())
+    await settle()
+    recovery.on_changelog_moved()
+    await settle()
+    assert recovery.in_recovery and not reading.done()
+    reads[CHANGELOG] = faust_fixes.ChangelogRead(12, 14)  # the fetch that passed the marker
+    recovery.on_changelog_moved()
+    assert recovery.flushed and not recovery.in_recovery
+    assert await asyncio.wait_for(reading, 1) is True
+
+
+def test_a_move_reported_before_the_recovery_reads_ends_nothing():
+    """A rebalance came between the fetch and the report: the new recovery, not reading yet,
+    must not find its end already signalled."""
+    recovery = Recovering({CHANGELOG: faust_fixes.ChangelogRead(12, 14)})
+    recovery.active_highwaters[CHANGELOG] = 13
+    recovery.active_offsets[CHANGELOG] = 12
+    recovery.on_changelog_moved()
+    assert recovery.in_recovery and not recovery.signal_recovery_end.is_set()
+
+
+class FakeStore:
+    """A table store's persisted offsets (RocksDB keeps one per partition)."""
+
+    def __init__(self, persisted: dict | None = None) -> None:
+        self.persisted: dict[TP, int] = dict(persisted or {})
+
+    def persisted_offset(self, tp):
+        return self.persisted.get(tp)
+
+    def set_persisted_offset(self, tp, offset) -> None:
+        self.persisted[tp] = offset
+
+
+CHAT_1, CHAT_2 = TP("chat", 1), TP("chat", 2)
+CHANGELOG_1 = TP("marvin-conversation-history-changelog", 1)
+CHANGELOG_2 = TP("marvin-conversation-history-changelog", 2)
+
+
+class FaustTransactionCommits:
+    """Faust's transaction manager as fix 10 sees it: ``commit`` recorded, failing as told."""
+
+    transactional_id_format = "{group_id}-{tpg.group}-{tpg.partition}"
+
+    def __init__(self, transport: SimpleNamespace = ALL_FIXES_ON, crash: bool = False) -> None:
+        self.transport = transport
+        self.crash = crash
+        self.app = SimpleNamespace(
+            conf=SimpleNamespace(id="marvin"),
+            assignor=SimpleNamespace(group_for_topic=lambda topic: 0),
+            tables=SimpleNamespace(_pending_persisted_offsets={}),
+            crashed=False,
+        )
+        self.producer = SimpleNamespace(
+            _transaction_producers={"marvin-0-1": object(), "marvin-0-2": object()}
+        )
+        self.commits: list[dict] = []
+
+    async def commit(self, offsets, start_new_transaction=True) -> bool:
+        self.commits.append(dict(offsets))
+        if self.crash:  # as Faust on ProducerFenced: crash the app, return True
+            self.app.crashed = True
+        return True
+
+    async def on_rebalance(self, assigned, revoked, newly_assigned) -> None:
+        pass
+
+    def _tps_to_transactional_ids(self, tps) -> set[str]:
+        return {f"marvin-0-{tp.partition}" for tp in tps}
+
+
+class RecordingOffsets(faust_fixes.RecordsCommittedChangelogOffsets, FaustTransactionCommits):
+    pass
+
+
+@pytest.mark.parametrize("fix_10", ["on", "off"])
+async def test_a_commit_records_the_changelog_offsets_written_in_its_transaction(fix_10):
+    transport = SimpleNamespace(disabled=frozenset() if fix_10 == "on" else {10})
+    manager = RecordingOffsets(transport)
+    store = FakeStore()
+    pending = manager.app.tables._pending_persisted_offsets
+    # What Faust's _on_changelog_sent files under exactly_once: the changelog partition.
+    pending[CHANGELOG_1] = (store, 41)
+    pending[CHANGELOG_2] = (store, 7)
+    assert await manager.commit({CHAT_1: 100}) is True
+    assert manager.commits == [{CHAT_1: 100}]
+    if fix_10 == "off":
+        assert store.persisted == {}  # Faust's own on_commit looks under the chat partition
+        return
+    assert store.persisted == {CHANGELOG_1: 41}  # partition 2's transaction is still open
+    assert pending == {CHANGELOG_2: (store, 7)}
+
+
+def test_faust_looks_the_changelog_offsets_up_under_the_source_partition():
+    """robinhood/faust#599, what fix 10 is for, in Faust's own table manager."""
+    tables = SimpleNamespace(_pending_persisted_offsets={})
+    store = FakeStore()
+    BaseTableManager.persist_offset_on_commit(tables, store, CHANGELOG_1, 41)
+    tables.on_commit_tp = lambda tp: BaseTableManager.on_commit_tp(tables, tp)
+    BaseTableManager.on_commit(tables, {CHAT_1: 100})
+    assert store.persisted == {}
+
+
+async def test_a_failed_commit_records_nothing():
+    manager = RecordingOffsets(crash=True)
+    store = FakeStore()
+    manager.app.tables._pending_persisted_offsets[CHANGELOG_1] = (store, 41)
+    await manager.commit({CHAT_1: 100})
+    assert store.persisted == {}
+
+
+async def test_a_transaction_without_its_producer_records_nothing():
+    manager = RecordingOffsets()
+    del manager.producer._transaction_producers["marvin-0-1"]
+    store = FakeStore()
+    manager.app.tables._pending_persisted_offsets[CHANGELOG_1] = (store, 41)
+    await manager.commit({CHAT_1: 100})
+    assert store.persisted == {}
+
+
+async def test_a_recorded_offset_never_moves_back():
+    manager = RecordingOffsets()
+    store = FakeStore({CHANGELOG_1: 50})  # a recovery applied up to 50 since
+    manager.app.tables._pending_persisted_offsets[CHANGELOG_1] = (store, 41)
+    await manager.commit({CHAT_1: 100})
+    assert store.persisted == {CHANGELOG_1: 50}
+
+
+async def test_a_revoked_partitions_writes_are_not_recorded():
+    manager = RecordingOffsets()
+    store = FakeStore()
+    pending = manager.app.tables._pending_persisted_offsets
+    pending[CHANGELOG_1] = (store, 41)
+    pending[CHANGELOG_2] = (store, 7)
+    await manager.on_rebalance({CHAT_1, CHANGELOG_1}, {CHAT_2, CHANGELOG_2}, set())
+    assert pending == {CHANGELOG_1: (store, 41)}
+
+
+async def test_the_broker_holds_an_empty_fetch_briefly(unit_app):
+    thread = unit_app.consumer._thread
+    consumer = thread._create_worker_consumer(unit_app.transport)
+    assert consumer._fetch_max_wait_ms == faust_fixes.FETCH_MAX_WAIT_MS == 100
+
+
+async def test_with_fix_11_off_the_broker_holds_an_empty_fetch_for_faust_s_1_5_s(
+    unit_app, monkeypatch
+):
+    monkeypatch.setattr(unit_app.transport, "disabled", frozenset({11}))
+    thread = unit_app.consumer._thread
+    consumer = thread._create_worker_consumer(unit_app.transport)
+    assert consumer._fetch_max_wait_ms == 1500

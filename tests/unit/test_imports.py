@@ -18,11 +18,15 @@ IMPORT_EVERYTHING = """
 import importlib, pkgutil, sys
 import faust.transport.consumer as faust_consumer
 import faust.transport.drivers.aiokafka as faust_aiokafka
+import faust.tables.manager as faust_manager
+import faust.tables.recovery as faust_recovery
 fixed_classes = [
     faust_aiokafka.Consumer,
     faust_aiokafka.AIOKafkaConsumerThread,
     faust_consumer.Consumer,
     faust_consumer.TransactionManager,
+    faust_manager.TableManager,
+    faust_recovery.Recovery,
 ]
 stock = [dict(vars(cls)) for cls in fixed_classes]
 import marvin_faust

@@ -92,7 +92,9 @@ def test_faust_broker_url_is_taken_when_marvin_broker_is_unset(monkeypatch):
 def test_faust_fixes_are_switched_off_by_number(monkeypatch):
     monkeypatch.setenv("MARVIN_DISABLED_FAUST_FIXES", "4, 6")
     assert load_settings(_env_file=None).faust_fixes_disabled == {4, 6}
-    monkeypatch.setenv("MARVIN_DISABLED_FAUST_FIXES", "9")
+    monkeypatch.setenv("MARVIN_DISABLED_FAUST_FIXES", "9,10,11")
+    assert load_settings(_env_file=None).faust_fixes_disabled == {9, 10, 11}
+    monkeypatch.setenv("MARVIN_DISABLED_FAUST_FIXES", "12")
     with pytest.raises(SettingsError, match="MARVIN_DISABLED_FAUST_FIXES"):
         load_settings(_env_file=None)
 
