@@ -2,8 +2,9 @@
 
 Starts a Kafka broker of its own on free loopback ports, worker processes and baseline loops
 on it, runs the sections in order (latency, throughput, profile, recovery, model, streaming,
-memory), prints the results as markdown and writes them to ``bench/results/`` as markdown and
-JSON.
+memory, batching), prints the results as markdown and writes them to ``bench/results/`` as
+markdown and JSON. The batching section runs in this process and needs no broker: a run of it
+alone starts none.
 ``--quick`` scales every count down for a run of a few minutes; every count is a parameter.
 Slowness never fails the run: only a section that could not measure (an error) does.
 """
@@ -19,17 +20,19 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from marvin_faust.llm.sources import assemble_offline_model
 from marvin_faust.settings import load_settings
 
-from . import harness, measure, model, profile, recovery, report, streaming
+from . import batched_bench, batching, harness, measure, model, profile, recovery, report, streaming
 from .driver import FAMILIES
 from .harness import RESULTS_DIR, Cluster
 
-SECTIONS = ("latency", "throughput", "profile", "recovery", "model", "streaming")
+SECTIONS = ("latency", "throughput", "profile", "recovery", "model", "streaming", "batching")
 
 FULL = {
     "latency_messages": 1000,
@@ -40,6 +43,9 @@ FULL = {
     "streaming_runs": 80,
     "recovery_sizes": "1000,10000",
     "profile_seconds": 20.0,
+    "batching_rounds": 3,
+    "batching_max_tokens": 128,
+    "reuse_rounds": 8,
 }
 QUICK = {
     "latency_messages": 200,
@@ -50,6 +56,9 @@ QUICK = {
     "streaming_runs": 12,
     "recovery_sizes": "200,1000",
     "profile_seconds": 8.0,
+    "batching_rounds": 1,
+    "batching_max_tokens": 48,
+    "reuse_rounds": 3,
 }
 
 
@@ -90,6 +99,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         help="MARVIN_STREAM_INTERVAL of the streaming worker (default: the worker's)",
     )
+    parser.add_argument(
+        "--batching-counts", default="1,2,4,8", help="conversations at once (batching)"
+    )
+    parser.add_argument("--batching-rounds", type=int, help="rounds per count (batching)")
+    parser.add_argument(
+        "--batching-max-tokens", type=int, help="tokens generated per reply (batching)"
+    )
+    parser.add_argument("--batching-n-ctx", type=int, default=2048, help="engine context")
+    parser.add_argument(
+        "--batching-threads",
+        type=int,
+        help="llama.cpp threads for every side (default: the engine's, generation on half the "
+        "cores, prompts on all)",
+    )
+    parser.add_argument("--reuse-rounds", type=int, help="conversations of 5 turns (batching)")
+    parser.add_argument(
+        "--no-batched-bench",
+        action="store_true",
+        help="skip the llama-batched-bench baseline (it is built on first use)",
+    )
     parser.add_argument("--seed", type=int, default=42, help="MARVIN_SEED")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, data)")
@@ -108,6 +137,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if g.strip()
     ]
     args.recovery_sizes = _ints(args.recovery_sizes)
+    args.batching_counts = _ints(args.batching_counts)
     args.producers = [f.strip() for f in args.producers.split(",") if f.strip()]
     if unknown_families := set(args.producers) - set(FAMILIES):
         parser.error(f"unknown producers {sorted(unknown_families)}; choose from {FAMILIES}")
@@ -339,6 +369,34 @@ def run_streaming(cluster: Cluster, args: argparse.Namespace, out: dict[str, Any
     )
 
 
+def run_batching(workdir: Path, args: argparse.Namespace, out: dict[str, Any]) -> None:
+    setup = batching.Setup(
+        model_file=assemble_offline_model(workdir / "models"),
+        n_ctx=args.batching_n_ctx,
+        n_batch=512,
+        threads=args.batching_threads,
+        max_tokens=args.batching_max_tokens,
+        rounds=args.batching_rounds,
+    )
+    binary = None
+    if not args.no_batched_bench:
+        binary = batched_bench.ensure_binary(batched_bench.installed_version(), say)
+    out["setup"] = {
+        "n_ctx": setup.n_ctx,
+        "n_batch": setup.n_batch,
+        "generation_threads": setup.generation_threads,
+        "prompt_threads": setup.prompt_threads,
+        "max_tokens": setup.max_tokens,
+        "rounds": setup.rounds,
+        "model_file_bytes": setup.model_file.stat().st_size,
+        "batched_bench_binary": str(binary) if binary else None,
+    }
+    out["throughput"] = batching.throughput(setup, args.batching_counts, binary, say)
+    out["reuse"] = batching.reuse(setup, args.reuse_rounds, reply_tokens=48, say=say)
+    out["targets"] = batching.judge_targets(out["throughput"]["rows"], out["reuse"]["ratio_p50"])
+    out["memory"] = batching.memory(setup, args.batching_counts, max_tokens=32, say=say)
+
+
 RUNNERS: dict[str, Callable[[Cluster, argparse.Namespace, dict[str, Any]], None]] = {
     "latency": run_latency,
     "throughput": run_throughput,
@@ -346,6 +404,10 @@ RUNNERS: dict[str, Callable[[Cluster, argparse.Namespace, dict[str, Any]], None]
     "recovery": run_recovery,
     "model": run_model,
     "streaming": run_streaming,
+}
+# Sections that need no broker: they get the run's work dir instead of the cluster.
+LOCAL_RUNNERS: dict[str, Callable[[Path, argparse.Namespace, dict[str, Any]], None]] = {
+    "batching": run_batching,
 }
 
 
@@ -369,19 +431,27 @@ def main(argv: list[str] | None = None) -> int:
     }
     say(f"work dir {workdir}")
     try:
-        with harness.cluster(workdir, args.partitions) as cluster:
-            document["versions"] = harness.versions(cluster.broker)
-            say(f"broker on {cluster.bootstrap}")
+        needs_broker = any(section in RUNNERS for section in args.sections)
+        with (
+            harness.cluster(workdir, args.partitions) if needs_broker else nullcontext()
+        ) as cluster:
+            document["versions"] = harness.versions(cluster.broker if cluster else None)
+            if cluster:
+                say(f"broker on {cluster.bootstrap}")
             for section in args.sections:
                 out: dict[str, Any] = {}
                 document["results"][section] = out
                 try:
-                    RUNNERS[section](cluster, args, out)
+                    if section in LOCAL_RUNNERS:
+                        LOCAL_RUNNERS[section](workdir, args, out)
+                    else:
+                        RUNNERS[section](cluster, args, out)
                 except Exception as exc:  # one broken section must not lose the others
                     say(f"{section} failed: {exc!r}")
                     document["errors"][section] = traceback.format_exc()
                 finally:
-                    cluster.stop_all()
+                    if cluster:
+                        cluster.stop_all()
     finally:
         document["seconds"] = round(time.monotonic() - started, 1)
         document["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]

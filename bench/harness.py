@@ -266,8 +266,10 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def versions(broker: LocalBroker) -> dict[str, str]:
-    found = {"kafka": broker.installed_version() or "unknown", "python": sys.version.split()[0]}
+def versions(broker: LocalBroker | None) -> dict[str, str]:
+    """Versions of what ran; Kafka's only when the run started a broker."""
+    found = {"kafka": broker.installed_version() or "unknown"} if broker is not None else {}
+    found["python"] = sys.version.split()[0]
     for package in ("faust-streaming", "aiokafka", "llama-cpp-python", "rocksdict", "hdrhistogram"):
         try:
             found[package] = importlib.metadata.version(package)

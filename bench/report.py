@@ -54,6 +54,7 @@ def markdown(document: dict[str, Any]) -> str:
         ("streaming", _streaming),
         ("recovery", _recovery),
         ("memory", _memory),
+        ("batching", _batching),
         ("profile", _profile),
     ):
         section = results.get(name) if name != "memory" else results
@@ -368,6 +369,145 @@ def _memory(results: dict[str, Any]) -> list[str]:
         "",
         *_table(["process", "peak RSS MiB", "/ model file"], rows),
     ]
+
+
+def _ms_pair(side: dict[str, Any]) -> str:
+    return f"{_cell(side.get('latency_p50_ms'))} / {_cell(side.get('latency_p95_ms'))}"
+
+
+def _batching(section: dict[str, Any]) -> list[str]:
+    throughput = section.get("throughput")
+    if not throughput:
+        return []
+    setup = section["setup"]
+    rows = []
+    for row in throughput["rows"]:
+        engine, single, bench = row["engine"], row["single"], row["batched_bench"]
+        rows.append(
+            [
+                row["conversations"],
+                engine["tokens_per_second"],
+                _ms_pair(engine),
+                engine["mean_tokens_per_reply"],
+                single["tokens_per_second"],
+                _ms_pair(single),
+                bench.get("generated_per_second"),
+                bench.get("decode_per_second"),
+                _fraction(row["engine_over_single"]),
+                _fraction(row["engine_over_batched_bench"]),
+            ]
+        )
+    lines = [
+        "## 7. Several conversations at once",
+        "",
+        f"The continuous-batching engine (`BatchedEngine`, n_parallel = the count) given that "
+        f"many conversations at the same moment, each its own prompt of about "
+        f"{throughput['prompt_tokens_median']} tokens asking for a long story, greedy, "
+        f"{setup['max_tokens']} tokens per reply at most; {setup['rounds']} rounds per count. "
+        "Aggregate tokens/s = all tokens generated / time to the last reply; a reply's latency "
+        "runs from its submit to its end. Single sequence: `Llama.create_completion` (the "
+        "high-level API) on the same prompts one after the other, in the same rounds (its "
+        "latencies include the replies before: they all arrived together). "
+        "llama-batched-bench: llama.cpp's own, built from the llama.cpp that llama-cpp-python "
+        "vendors, same GGUF, context "
+        f"{setup['n_ctx']}, batch {setup['n_batch']}, threads {setup['generation_threads']} "
+        f"(-tb {setup['prompt_threads']}), unified KV cache, run before and after the rounds; "
+        "B x TG / T counts its generated tokens over its whole time, prompts included, as the "
+        "engine's figure does; S_TG is its decoding alone.",
+        "",
+        *_table(
+            [
+                "conversations",
+                "engine tokens/s",
+                "engine reply p50 / p95 ms",
+                "tokens per reply",
+                "single tokens/s",
+                "single reply p50 / p95 ms",
+                "batched-bench B*TG/T",
+                "batched-bench S_TG",
+                "engine / single",
+                "engine / batched-bench",
+            ],
+            rows,
+        ),
+    ]
+    reuse = section.get("reuse")
+    if reuse:
+        first, reused = reuse["first_token_ms"], reuse["reused_tokens_mean"]
+        lines += [
+            f"Time to first token of a conversation's 5th turn ({reuse['rounds']} "
+            f"conversations, prompts of {reuse['prompt_tokens_mean']} tokens on average, "
+            f"replies of at most {reuse['reply_tokens']} tokens before it), one slot: with "
+            "the same session id every turn, and the same prompt without a session after "
+            "another prompt took the slot.",
+            "",
+            *_table(
+                ["5th turn", "first token p50 ms", "mean ms", "max ms", "reused tokens (mean)"],
+                [
+                    [
+                        case,
+                        first[case]["p50"],
+                        first[case]["mean"],
+                        first[case]["max"],
+                        reused[case],
+                    ]
+                    for case in ("with", "without")
+                ],
+            ),
+        ]
+    memory = section.get("memory")
+    if memory:
+        lines += [
+            f"Memory by slots: one child process each, n_ctx {memory['n_ctx']} (unified KV "
+            f"cache), that many conversations of {memory['max_tokens']} tokens at once. "
+            "Buffers: llama.cpp's own log.",
+            "",
+            *_table(
+                [
+                    "slots",
+                    "RSS loaded MiB",
+                    "peak RSS MiB",
+                    "KV buffers MiB",
+                    "output buffer MiB",
+                    "compute buffer MiB",
+                    "peak MiB per extra slot",
+                ],
+                [
+                    [
+                        row["n_parallel"],
+                        row["rss_loaded_kib"] / 1024,
+                        row["peak_rss_kib"] / 1024,
+                        row["llama_buffers_mib"].get("KV"),
+                        row["llama_buffers_mib"].get("output"),
+                        row["llama_buffers_mib"].get("compute"),
+                        row["peak_mib_per_extra_slot"],
+                    ]
+                    for row in memory["rows"]
+                ],
+            ),
+        ]
+    targets = section.get("targets", {})
+    if targets:
+        lines += ["Targets:", ""]
+        if speedup := targets.get("speedup_at_4"):
+            lines.append(
+                f"- 4 conversations >= {speedup['target']:g}x the single sequence: "
+                f"{_fraction(speedup['value'])}x (llama-batched-bench: "
+                f"{_fraction(speedup['batched_bench_headroom'])}x its 1): {speedup['verdict']}"
+            )
+        if share := targets.get("of_batched_bench"):
+            values = ", ".join(f"{count}: {value:.3f}" for count, value in share["values"].items())
+            lines.append(
+                f"- >= {share['target']:g} of llama-batched-bench at every count ({values}): "
+                f"{share['verdict']}"
+            )
+        if first := targets.get("reuse_first_token"):
+            lines.append(
+                f"- 5th turn's first token with reuse <= {first['target']:g}x without: "
+                f"{_fraction(first['value'])}x: {first['verdict']}"
+            )
+        lines.append("")
+    return lines
 
 
 def _recovery(section: dict[str, Any]) -> list[str]:
