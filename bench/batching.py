@@ -13,17 +13,24 @@ All in the bench process (no broker), on the offline Gemma 3 270M GGUF, with
       after the other. The conversations arrived together, so a reply's latency includes the
       replies answered before it;
   (b) llama.cpp's own ``llama-batched-bench`` (:mod:`bench.batched_bench`), built from the
-      llama.cpp that llama-cpp-python vendors: the same GGUF, context, batch size, threads,
-      unified KV cache, prompt and generation lengths (``-npp``, ``-ntg``, ``-npl``), run
-      before and after the rounds. Its generated tokens over its whole time (``B * TG / T``,
+      llama.cpp that llama-cpp-python vendors: the same GGUF, context, batch size, unified KV
+      cache, prompt and generation lengths (``-npp``, ``-ntg``, ``-npl`` = the count), once in
+      each round. Threads: the engine generates on ``n_threads`` (half the cores by default) and
+      evaluates prompts on all cores; llama.cpp runs any batch of more than one token on
+      ``-tb`` threads, so llama-batched-bench gets ``-t`` = ``-tb`` = the engine's generation
+      threads (its prompts, a small part of its time, then run on fewer threads than the
+      engine's). With ``-tb`` at all cores here, its batched generation steps, whose threads
+      spin at every graph node's barrier, slowed down five- to tenfold whenever other processes
+      took a core. Its generated tokens over its whole time (``B * TG / T``,
       prompts included) is the figure the engine's aggregate is read against; ``S_TG`` (decode
       alone) is reported beside it.
 
   Sampling is greedy (temperature 0, the project's repeat penalty), and each prompt asks for a
   long story in chapters, so replies run to max tokens (the tokens actually generated are what
   is counted). Every prompt of a run starts with a different word: no prompt reuses another's
-  cached prefix past the BOS token, in the engine or in ``Llama``. Rounds alternate which side
-  goes first, to spread the shared machine's load over both.
+  cached prefix past the BOS token, in the engine or in ``Llama``. Each round runs the three
+  sides one after the other, a different one first each round, to spread the shared machine's
+  load over all three.
 
 - **reuse**: time to first token of a conversation's 5th turn, with KV reuse (the same session
   id every turn: the engine keeps the conversation's slot and evaluates only the new tokens)
@@ -278,11 +285,13 @@ class Side:
     latencies: list[float] = field(default_factory=list)
     first_tokens: list[float] = field(default_factory=list)
     reused_tokens: int = 0
+    rates: list[float] = field(default_factory=list)  # tokens/s of each round
 
     def add(self, tokens: int, seconds: float, latencies: Sequence[float]) -> None:
         self.tokens += tokens
         self.seconds += seconds
         self.latencies.extend(latencies)
+        self.rates.append(tokens / seconds if seconds else 0.0)
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -303,6 +312,7 @@ class Side:
             "latency_p95_ms": round(1000 * p95, 1) if p95 is not None else None,
             "first_token_p50_ms": round(1000 * first, 1) if first is not None else None,
             "reused_tokens": self.reused_tokens,
+            "per_round_tokens_per_second": [round(rate, 2) for rate in self.rates],
         }
 
 
@@ -363,6 +373,36 @@ def load_llama(setup: Setup) -> Any:
     )
 
 
+SIDES = ("engine", "single", "batched-bench")
+
+
+def rotation(names: Sequence[str], index: int) -> list[str]:
+    """Round ``index``'s order: each side first in turn, to spread the machine's load."""
+    shift = index % len(names)
+    return [*names[shift:], *names[:shift]]
+
+
+def batched_bench_command(
+    setup: Setup, binary: Path, prompt_tokens: int, sequences: int
+) -> list[str]:
+    """llama-batched-bench with the engine's settings, for ``sequences`` at once."""
+    return batched_bench.command(
+        binary,
+        setup.model_file,
+        prompt_tokens=prompt_tokens,
+        generated_tokens=setup.max_tokens,
+        sequences=[sequences],
+        n_ctx=setup.n_ctx,
+        n_batch=setup.n_batch,
+        # llama.cpp runs any batch of more than one token on -tb threads: generating several
+        # sequences on the engine's generation threads takes -tb = those.
+        threads=setup.generation_threads,
+        threads_batch=setup.generation_threads,
+        gpu_layers=0,
+        swa_full=True,
+    )
+
+
 def throughput(
     setup: Setup, counts: Sequence[int], bench_binary: Path | None, say: Callable[[str], None]
 ) -> dict[str, Any]:
@@ -384,54 +424,33 @@ def throughput(
         prompt_lengths += [len(p) for prompts in rounds_by_count[count] for p in prompts]
     prompt_tokens = round(statistics.median(prompt_lengths))
 
-    bench_runs: list[list[batched_bench.BenchRow]] = []
+    bench_runs: dict[int, list[list[batched_bench.BenchRow]]] = {}
     bench_settings: dict[str, str] = {}
-    bench_command: list[str] = []
-
-    def run_batched_bench(when: str) -> None:
-        nonlocal bench_settings, bench_command
-        if bench_binary is None:
-            return
-        bench_command = batched_bench.command(
-            bench_binary,
-            setup.model_file,
-            prompt_tokens=prompt_tokens,
-            generated_tokens=setup.max_tokens,
-            sequences=list(counts),
-            n_ctx=setup.n_ctx,
-            n_batch=setup.n_batch,
-            threads=setup.generation_threads,
-            threads_batch=setup.prompt_threads,
-            gpu_layers=0,
-            swa_full=True,
-        )
-        say(f"batching: llama-batched-bench ({when})")
-        rows, bench_settings, _ = batched_bench.run(bench_command)
-        bench_runs.append(rows)
-
-    run_batched_bench("before the rounds")
+    bench_line = ""
     sides: dict[int, dict[str, Side]] = {}
     for count in counts:
         say(f"batching: {count} conversations at once, {setup.rounds} rounds")
         engine = setup.engine(count)
+        sides[count] = {"engine": Side(), "single": Side()}
+        bench_runs[count] = []
         try:
             engine.submit(warm_up, setup.greedy(8)).result()
-            sides[count] = {"engine": Side(), "single": Side()}
             for index, prompts in enumerate(rounds_by_count[count]):
-                order = ("engine", "single") if index % 2 == 0 else ("single", "engine")
-                for name in order:
-                    part = (
-                        engine_round(engine, prompts, setup.greedy())
-                        if name == "engine"
-                        else single_round(llama, prompts, setup)
-                    )
-                    merge(sides[count][name], part)
+                for name in rotation(SIDES, index):
+                    if name == "engine":
+                        merge(sides[count][name], engine_round(engine, prompts, setup.greedy()))
+                    elif name == "single":
+                        merge(sides[count][name], single_round(llama, prompts, setup))
+                    elif bench_binary is not None:
+                        command = batched_bench_command(setup, bench_binary, prompt_tokens, count)
+                        table, bench_settings, _ = batched_bench.run(command)
+                        bench_runs[count].append(table)
+                        bench_line = " ".join(command)
         finally:
             engine.close()
     llama.close()
-    run_batched_bench("after the rounds")
 
-    bench = pooled_rates(bench_runs)
+    bench = pooled_rates([rows for runs in bench_runs.values() for rows in runs])
     rows = []
     for count in counts:
         engine_side, single_side = sides[count]["engine"], sides[count]["single"]
@@ -455,9 +474,12 @@ def throughput(
         "prompt_tokens_median": prompt_tokens,
         "rows": rows,
         "batched_bench": {
-            "command": " ".join(bench_command),
+            "last_command": bench_line,
             "settings": bench_settings,
-            "runs": [[row.as_dict() for row in rows] for rows in bench_runs],
+            "runs": {
+                count: [row.as_dict() for table in runs for row in table]
+                for count, runs in bench_runs.items()
+            },
         },
     }
 

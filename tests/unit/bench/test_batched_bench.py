@@ -12,8 +12,8 @@ from bench.batched_bench import BenchRow, parse_table
 # Its output on this machine (llama-cpp-python 0.3.36's llama.cpp), log lines around the table.
 OUTPUT = """\
 llama_context: n_seq_max             = 8
-llama_batched_bench: n_kv_max = 2048, n_batch = 512, n_ubatch = 512, flash_attn = -1, is_pp_shared = 0, \
-is_tg_separate = 0, n_gpu_layers = 0, n_threads = 1, n_threads_batch = 2
+llama_batched_bench: n_kv_max = 2048, n_batch = 512, n_ubatch = 512, flash_attn = -1, \
+is_pp_shared = 0, is_tg_separate = 0, n_gpu_layers = 0, n_threads = 1, n_threads_batch = 2
 
 |    PP |     TG |    B |   N_KV |   T_PP s | S_PP t/s |   T_TG s | S_TG t/s |      T s |    S t/s |
 |-------|--------|------|--------|----------|----------|----------|----------|----------|----------|
@@ -79,7 +79,12 @@ def test_the_command_gives_the_engines_settings() -> None:
     assert command[0] == "/cache/llama-batched-bench"
     assert options["-m"] == "/models/gemma.gguf"
     assert (options["-npp"], options["-ntg"], options["-npl"]) == ("20", "128", "1,2,4,8")
-    assert (options["-c"], options["-b"], options["-t"], options["-tb"]) == ("2048", "512", "1", "2")
+    assert (options["-c"], options["-b"], options["-t"], options["-tb"]) == (
+        "2048",
+        "512",
+        "1",
+        "2",
+    )
     assert "--kv-unified" in command
     assert "--swa-full" in command
 

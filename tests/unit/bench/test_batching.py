@@ -16,6 +16,7 @@ from bench.batching import (
     pooled_rates,
     queued_latencies,
     ratio,
+    rotation,
     transcript,
 )
 from marvin_faust.llm.llamacpp import PLAIN_TEMPLATE
@@ -51,8 +52,21 @@ def test_requests_served_one_after_the_other_wait_for_those_before() -> None:
     assert queued_latencies([]) == []
 
 
+def test_each_side_goes_first_in_turn() -> None:
+    sides = ("engine", "single", "batched-bench")
+    orders = [rotation(sides, index) for index in range(4)]
+    assert orders == [
+        ["engine", "single", "batched-bench"],
+        ["single", "batched-bench", "engine"],
+        ["batched-bench", "engine", "single"],
+        ["engine", "single", "batched-bench"],
+    ]
+
+
 def row(sequences: int, seconds: float, decode_seconds: float, tg: int = 100) -> BenchRow:
-    return BenchRow(20, tg, sequences, 0, seconds - decode_seconds, 0, decode_seconds, 0, seconds, 0)
+    return BenchRow(
+        20, tg, sequences, 0, seconds - decode_seconds, 0, decode_seconds, 0, seconds, 0
+    )
 
 
 def test_batched_bench_runs_pool_all_tokens_over_all_time() -> None:
