@@ -428,8 +428,10 @@ def throughput(
     bench_settings: dict[str, str] = {}
     bench_line = ""
     sides: dict[int, dict[str, Side]] = {}
+    load: dict[int, list[float]] = {}  # 1-minute load average before and after each count
     for count in counts:
         say(f"batching: {count} conversations at once, {setup.rounds} rounds")
+        load[count] = [os.getloadavg()[0]]
         engine = setup.engine(count)
         sides[count] = {"engine": Side(), "single": Side()}
         bench_runs[count] = []
@@ -448,6 +450,7 @@ def throughput(
                         bench_line = " ".join(command)
         finally:
             engine.close()
+        load[count].append(os.getloadavg()[0])
     llama.close()
 
     bench = pooled_rates([rows for runs in bench_runs.values() for rows in runs])
@@ -458,6 +461,7 @@ def throughput(
         rows.append(
             {
                 "conversations": count,
+                "load_average": [round(value, 2) for value in load[count]],
                 "engine": engine_side.as_dict(),
                 "single": single_side.as_dict(),
                 "batched_bench": reference,

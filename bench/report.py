@@ -395,6 +395,7 @@ def _batching(section: dict[str, Any]) -> list[str]:
                 bench.get("decode_per_second"),
                 _fraction(row["engine_over_single"]),
                 _fraction(row["engine_over_batched_bench"]),
+                " - ".join(f"{value:.1f}" for value in row.get("load_average", [])) or "-",
             ]
         )
     lines = [
@@ -429,6 +430,7 @@ def _batching(section: dict[str, Any]) -> list[str]:
                 "batched-bench S_TG",
                 "engine / single",
                 "engine / batched-bench",
+                "load average",
             ],
             rows,
         ),
