@@ -38,9 +38,10 @@ All in the bench process (no broker), on the offline Gemma 3 270M GGUF, with
   whole prompt evaluated). One slot, so nothing else holds the conversation.
 
 - **memory**: for each count a child process makes an engine with that ``n_parallel`` and the
-  same ``n_ctx`` (the KV cache is unified: its size does not depend on the count), runs that
-  many conversations at once and reports its RSS and peak RSS, and llama.cpp's KV, output and
-  compute buffer sizes from its log. MB per slot = (peak RSS at n - peak RSS at 1) / (n - 1).
+  same ``n_ctx`` (each sequence's context; the unified KV cache the sequences share holds
+  ``n_ctx * n_parallel`` cells, the engine's default, as the worker runs it), runs that many
+  conversations at once and reports its RSS and peak RSS, and llama.cpp's KV, output and
+  compute buffer sizes from its log. MiB per slot = (peak RSS at n - peak RSS at 1) / (n - 1).
 """
 
 from __future__ import annotations
@@ -383,16 +384,17 @@ def rotation(names: Sequence[str], index: int) -> list[str]:
 
 
 def batched_bench_command(
-    setup: Setup, binary: Path, prompt_tokens: int, sequences: int
+    setup: Setup, binary: Path, prompt_tokens: int, sequences: int, kv_size: int
 ) -> list[str]:
-    """llama-batched-bench with the engine's settings, for ``sequences`` at once."""
+    """llama-batched-bench with the engine's settings, for ``sequences`` at once; its context
+    (-c) is the engine's KV cache, which all sequences share."""
     return batched_bench.command(
         binary,
         setup.model_file,
         prompt_tokens=prompt_tokens,
         generated_tokens=setup.max_tokens,
         sequences=[sequences],
-        n_ctx=setup.n_ctx,
+        n_ctx=kv_size,
         n_batch=setup.n_batch,
         # llama.cpp runs any batch of more than one token on -tb threads: generating several
         # sequences on the engine's generation threads takes -tb = those.
@@ -444,7 +446,9 @@ def throughput(
                     elif name == "single":
                         merge(sides[count][name], single_round(llama, prompts, setup))
                     elif bench_binary is not None:
-                        command = batched_bench_command(setup, bench_binary, prompt_tokens, count)
+                        command = batched_bench_command(
+                            setup, bench_binary, prompt_tokens, count, engine.kv_size
+                        )
                         table, bench_settings, _ = batched_bench.run(command)
                         bench_runs[count].append(table)
                         bench_line = " ".join(command)
@@ -567,6 +571,7 @@ def memory_probe(model_file: Path, n_ctx: int, n_parallel: int, max_tokens: int)
     pid = os.getpid()
     before = proc_status_kib(pid, "VmRSS")
     engine = BatchedEngine(str(model_file), n_ctx=n_ctx, n_parallel=n_parallel, n_gpu_layers=0)
+    kv_size = engine.kv_size
     with engine:
         loaded = proc_status_kib(pid, "VmRSS")
         names = subjects()
@@ -581,6 +586,7 @@ def memory_probe(model_file: Path, n_ctx: int, n_parallel: int, max_tokens: int)
         peak_running = engine.stats.peak_running
     return {
         "n_parallel": n_parallel,
+        "kv_size": kv_size,
         "rss_before_kib": before,
         "rss_loaded_kib": loaded,
         "rss_after_kib": after,

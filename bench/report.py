@@ -401,7 +401,9 @@ def _batching(section: dict[str, Any]) -> list[str]:
     lines = [
         "## 7. Several conversations at once",
         "",
-        f"The continuous-batching engine (`BatchedEngine`, n_parallel = the count) given that "
+        f"The continuous-batching engine (`BatchedEngine`, n_parallel = the count, n_ctx "
+        f"{setup['n_ctx']} per conversation, a unified KV cache of n_ctx x n_parallel cells) "
+        "given that "
         f"many conversations at the same moment, each its own prompt of about "
         f"{throughput['prompt_tokens_median']} tokens asking for a long story, greedy, "
         f"{setup['max_tokens']} tokens per reply at most; {setup['rounds']} rounds per count, "
@@ -411,8 +413,8 @@ def _batching(section: dict[str, Any]) -> list[str]:
         "high-level API) on the same prompts one after the other, in the same rounds (its "
         "latencies include the replies before: they all arrived together). "
         "llama-batched-bench: llama.cpp's own, built from the llama.cpp that llama-cpp-python "
-        "vendors, same GGUF, context "
-        f"{setup['n_ctx']}, batch {setup['n_batch']}, unified KV cache, -t and -tb "
+        "vendors, same GGUF, context (-c) the engine's KV cache, batch "
+        f"{setup['n_batch']}, unified KV cache, -t and -tb "
         f"{setup['generation_threads']} (the engine's generation threads; it evaluates prompts "
         f"on {setup['prompt_threads']}), once in each round; "
         "B x TG / T counts its generated tokens over its whole time, prompts included, as the "
@@ -462,13 +464,15 @@ def _batching(section: dict[str, Any]) -> list[str]:
     memory = section.get("memory")
     if memory:
         lines += [
-            f"Memory by slots: one child process each, n_ctx {memory['n_ctx']} (unified KV "
-            f"cache), that many conversations of {memory['max_tokens']} tokens at once. "
-            "Buffers: llama.cpp's own log.",
+            f"Memory by slots: one child process each, n_ctx {memory['n_ctx']} per "
+            "conversation, the engine's default KV cache (n_ctx x slots cells, unified), that "
+            f"many conversations of {memory['max_tokens']} tokens at once. Buffers: llama.cpp's "
+            "own log.",
             "",
             *_table(
                 [
                     "slots",
+                    "KV cells",
                     "RSS loaded MiB",
                     "peak RSS MiB",
                     "KV buffers MiB",
@@ -479,6 +483,7 @@ def _batching(section: dict[str, Any]) -> list[str]:
                 [
                     [
                         row["n_parallel"],
+                        row.get("kv_size"),
                         row["rss_loaded_kib"] / 1024,
                         row["peak_rss_kib"] / 1024,
                         row["llama_buffers_mib"].get("KV"),
