@@ -38,10 +38,12 @@ All in the bench process (no broker), on the offline Gemma 3 270M GGUF, with
   whole prompt evaluated). One slot, so nothing else holds the conversation.
 
 - **memory**: for each count a child process makes an engine with that ``n_parallel`` and the
-  same ``n_ctx`` (each sequence's context; the unified KV cache the sequences share holds
-  ``n_ctx * n_parallel`` cells, the engine's default, as the worker runs it), runs that many
-  conversations at once and reports its RSS and peak RSS, and llama.cpp's KV, output and
-  compute buffer sizes from its log. MiB per slot = (peak RSS at n - peak RSS at 1) / (n - 1).
+  same ``n_ctx`` (each sequence's context), runs that many conversations at once and reports
+  its RSS and peak RSS, and llama.cpp's KV, output and compute buffer sizes from its log; MiB
+  per slot = (peak RSS at n - peak RSS at 1) / (n - 1). Twice: with the engine's default KV
+  cache, ``n_ctx * n_parallel`` cells shared by the sequences (as the worker runs it), and with
+  one cache of ``n_ctx`` cells for all (``kv_size=n_ctx``), which leaves what a slot costs
+  beside its cells.
 """
 
 from __future__ import annotations
@@ -564,13 +566,25 @@ def reuse(setup: Setup, rounds: int, reply_tokens: int, say: Callable[[str], Non
 
 # --- memory ----------------------------------------------------------------------------------
 
+# The engine's default cache (n_ctx cells per slot) and one cache of n_ctx cells that every slot
+# shares: the difference per slot is the KV cache's, the rest is what a slot costs beside it.
+CACHES = {"n_ctx x slots": False, "n_ctx, shared": True}
 
-def memory_probe(model_file: Path, n_ctx: int, n_parallel: int, max_tokens: int) -> dict:
+
+def memory_probe(
+    model_file: Path, n_ctx: int, n_parallel: int, max_tokens: int, shared_cache: bool
+) -> dict:
     """In a child process: RSS before, with the engine loaded, and after n conversations."""
     logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG)  # the buffer sizes, on stderr
     pid = os.getpid()
     before = proc_status_kib(pid, "VmRSS")
-    engine = BatchedEngine(str(model_file), n_ctx=n_ctx, n_parallel=n_parallel, n_gpu_layers=0)
+    engine = BatchedEngine(
+        str(model_file),
+        n_ctx=n_ctx,
+        n_parallel=n_parallel,
+        n_gpu_layers=0,
+        kv_size=n_ctx if shared_cache else None,
+    )
     kv_size = engine.kv_size
     with engine:
         loaded = proc_status_kib(pid, "VmRSS")
@@ -600,42 +614,46 @@ def memory(
     setup: Setup, counts: Sequence[int], max_tokens: int, say: Callable[[str], None]
 ) -> dict[str, Any]:
     rows = []
-    for count in counts:
-        say(f"batching: memory with {count} slots (a child process)")
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bench.batching",
-                str(setup.model_file),
-                str(setup.n_ctx),
-                str(count),
-                str(max_tokens),
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"memory probe with {count} slots failed: {done.stderr[-2000:]}")
-        probe = json.loads(done.stdout.strip().splitlines()[-1])
-        rows.append({**probe, "llama_buffers_mib": llama_buffers_mib(done.stderr)})
-    slots = per_slot_mib({row["n_parallel"]: row["peak_rss_kib"] for row in rows})
-    for row in rows:
-        row["peak_mib_per_extra_slot"] = slots.get(row["n_parallel"])
+    for cache, shared in CACHES.items():
+        by_count = []
+        for count in counts:
+            say(f"batching: memory with {count} slots, KV cache {cache} (a child process)")
+            command = [sys.executable, "-m", "bench.batching", str(setup.model_file)]
+            command += [str(setup.n_ctx), str(count), str(max_tokens)]
+            done = subprocess.run(
+                [*command, *(["--shared-cache"] if shared else [])],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"memory probe ({count} slots) failed: {done.stderr[-2000:]}")
+            probe = json.loads(done.stdout.strip().splitlines()[-1])
+            by_count.append(
+                {"cache": cache, **probe, "llama_buffers_mib": llama_buffers_mib(done.stderr)}
+            )
+        slots = per_slot_mib({row["n_parallel"]: row["peak_rss_kib"] for row in by_count})
+        for row in by_count:
+            row["peak_mib_per_extra_slot"] = slots.get(row["n_parallel"])
+        rows += by_count
     return {"n_ctx": setup.n_ctx, "max_tokens": max_tokens, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m bench.batching MODEL N_CTX N_PARALLEL MAX_TOKENS``: one memory probe."""
+    """``python -m bench.batching MODEL N_CTX N_PARALLEL MAX_TOKENS [--shared-cache]``: one
+    memory probe."""
     parser = argparse.ArgumentParser(prog="python -m bench.batching")
     parser.add_argument("model", type=Path)
     parser.add_argument("n_ctx", type=int)
     parser.add_argument("n_parallel", type=int)
     parser.add_argument("max_tokens", type=int)
+    parser.add_argument("--shared-cache", action="store_true", help="kv_size = n_ctx")
     args = parser.parse_args(argv)
-    print(json.dumps(memory_probe(args.model, args.n_ctx, args.n_parallel, args.max_tokens)))
+    probe = memory_probe(
+        args.model, args.n_ctx, args.n_parallel, args.max_tokens, args.shared_cache
+    )
+    print(json.dumps(probe))
 
 
 if __name__ == "__main__":

@@ -465,12 +465,14 @@ def _batching(section: dict[str, Any]) -> list[str]:
     if memory:
         lines += [
             f"Memory by slots: one child process each, n_ctx {memory['n_ctx']} per "
-            "conversation, the engine's default KV cache (n_ctx x slots cells, unified), that "
-            f"many conversations of {memory['max_tokens']} tokens at once. Buffers: llama.cpp's "
-            "own log.",
+            "conversation, that many conversations of "
+            f"{memory['max_tokens']} tokens at once; KV cache: the engine's default (n_ctx x "
+            "slots cells, unified) or one cache of n_ctx cells all slots share. Buffers: "
+            "llama.cpp's own log; per extra slot: (peak RSS - peak RSS with 1 slot) / (slots - 1).",
             "",
             *_table(
                 [
+                    "KV cache",
                     "slots",
                     "KV cells",
                     "RSS loaded MiB",
@@ -482,6 +484,7 @@ def _batching(section: dict[str, Any]) -> list[str]:
                 ],
                 [
                     [
+                        row.get("cache", "-"),
                         row["n_parallel"],
                         row.get("kv_size"),
                         row["rss_loaded_kib"] / 1024,

@@ -46,6 +46,7 @@ def document() -> dict[str, Any]:
         "max_tokens": 32,
         "rows": [
             {
+                "cache": "n_ctx x slots",
                 "n_parallel": n,
                 "kv_size": 2048 * n,
                 "rss_loaded_kib": 434_200,
@@ -93,7 +94,7 @@ def test_the_batching_section_has_its_tables_and_targets() -> None:
         "0.972 | 1.5 - 2.3 |"
     ) in text
     assert "| with | 60.00 | 61.00 | 80.00 | 120 |" in text
-    assert "| 4 | 8,192 | 424 | 453 | 36.00 | 4.00 | 514 | 7.00 |" in text
+    assert "| n_ctx x slots | 4 | 8,192 | 424 | 453 | 36.00 | 4.00 | 514 | 7.00 |" in text
     assert "4 conversations >= 2x the single sequence: 1.750x" in text
     assert ">= 0.9 of llama-batched-bench at every count (1: 0.951, 4: 0.972): met" in text
     assert "first token with reuse <= 0.3x without: 0.150x: met" in text
