@@ -10,6 +10,20 @@ since the epoch and keeps its capital T. Extra fields are tolerated and dropped.
 
 The agent reads the topic as raw bytes and validates here, inside a try: a Faust value type on
 the topic would crash the agent on the first value that fails to deserialize.
+
+A *forget* record asks the worker to delete a conversation's history. It travels on the chat
+topic, keyed by the conversation id, so that it lands on the partition of that conversation's
+messages and is applied in order with them, inside the worker's transaction. What marks it is
+the header ``marvin-control: forget``; its value keeps the chat record's shape with role
+``control`` (so readers that keep role ``AI`` or ``human`` pass over it, and a worker that
+predates it dead-letters it as an unknown role)::
+
+    {"uuid": "<id>", "role": "control", "text": "forget", "conversation_id": "<id>",
+     "Timestamp": 1700000000000000000, "reason": "request"}
+
+``reason`` is ``request`` (``marvin-faust forget``, ``DELETE /conversations/{id}/``) or
+``expired`` (the worker's own sweep), which adds ``idle_since``: the newest turn's timestamp as
+the sweep saw it. An expiry deletes only if that is still the newest turn.
 """
 
 from __future__ import annotations
@@ -19,12 +33,17 @@ import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import faust
 
 MESSAGE_ID_HEADER = "uuid"
 IN_REPLY_TO_HEADER = "in-reply-to"
+CONTROL_HEADER = "marvin-control"
+FORGET = "forget"  # the one control so far: the header's value
+CONTROL_ROLE = "control"
 
 # A conversation id becomes a URL path segment (the worker's view, the web chat's routes) and a
 # table key: ASCII letters, digits, '-', '_' and '.', not starting with '.', so that no id can
@@ -149,3 +168,70 @@ def header_value(headers: Headers, name: str) -> str | None:
             except UnicodeDecodeError:
                 return None
     return None
+
+
+class ForgetReason(StrEnum):
+    REQUEST = "request"  # someone asked: marvin-faust forget, DELETE /conversations/{id}/
+    EXPIRED = "expired"  # idle for longer than MARVIN_CONVERSATION_TTL
+
+
+@dataclass(frozen=True)
+class Forget:
+    """Delete one conversation's history (a record on the chat topic; see the module doc)."""
+
+    conversation_id: str
+    reason: ForgetReason
+    Timestamp: int
+    idle_since: int | None = None  # expiries only: the newest turn's timestamp at the sweep
+
+    def to_bytes(self) -> bytes:
+        document: dict[str, Any] = {
+            "uuid": self.conversation_id,
+            "role": CONTROL_ROLE,
+            "text": FORGET,
+            "conversation_id": self.conversation_id,
+            "Timestamp": self.Timestamp,
+            "reason": self.reason.value,
+        }
+        if self.idle_since is not None:
+            document["idle_since"] = self.idle_since
+        return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+
+    @staticmethod
+    def headers(message_id: str) -> list[tuple[str, bytes]]:
+        return [(CONTROL_HEADER, FORGET.encode()), (MESSAGE_ID_HEADER, message_id.encode())]
+
+
+def make_forget(
+    conversation_id: str, reason: ForgetReason = ForgetReason.REQUEST, idle_since: int | None = None
+) -> Forget:
+    return Forget(conversation_id, reason, now_ns(), idle_since)
+
+
+def parse_forget(value: bytes | None) -> Forget:
+    """Validate the value of a ``marvin-control: forget`` record, raising :class:`BadMessage`."""
+    try:
+        document = json.loads(value or b"")
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BadMessage("forget record: value is not UTF-8 JSON") from None
+    if not isinstance(document, dict):
+        raise BadMessage("forget record: value is not a JSON object")
+    cid, stamp = document.get("conversation_id"), document.get("Timestamp")
+    if not isinstance(cid, str):
+        raise BadMessage("forget record: conversation_id must be a string")
+    if (problem := conversation_id_problem(cid)) is not None:
+        raise BadMessage(f"forget record: {problem}")
+    if not _is_int(stamp):
+        raise BadMessage("forget record: Timestamp must be int")
+    try:
+        reason = ForgetReason(document.get("reason"))
+    except ValueError:
+        raise BadMessage(f"forget record: unknown reason {document.get('reason')!r}") from None
+    idle_since = document.get("idle_since")
+    if reason is ForgetReason.EXPIRED and not _is_int(idle_since):
+        raise BadMessage("forget record: an expiry needs idle_since, an int")
+    return Forget(cid, reason, stamp, idle_since if reason is ForgetReason.EXPIRED else None)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -116,3 +116,42 @@ def test_invalid_conversation_ids_say_why(conversation_id, reason):
     problem = conversation_id_problem(conversation_id)
     assert problem is not None and reason in problem
     assert "\n" not in problem  # one line, whatever the id holds
+
+
+def test_a_forget_record_keeps_the_chat_records_shape_with_its_own_role():
+    from marvin_faust.models import (
+        CONTROL_HEADER,
+        ForgetReason,
+        make_forget,
+        parse_forget,
+    )
+
+    forget = make_forget("c-1")
+    document = json.loads(forget.to_bytes())
+    assert document["role"] == "control" and document["conversation_id"] == "c-1"
+    assert document["reason"] == "request" and "idle_since" not in document
+    # a chat record still: old readers that keep role AI or human pass over it
+    assert parse_chat_message(forget.to_bytes(), max_text_chars=100).role == "control"
+    assert dict(forget.headers("m-1")) == {CONTROL_HEADER: b"forget", "uuid": b"m-1"}
+    assert parse_forget(forget.to_bytes()) == forget
+    expiry = make_forget("c-1", ForgetReason.EXPIRED, idle_since=42)
+    assert parse_forget(expiry.to_bytes()).idle_since == 42
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b"\xff", "not UTF-8 JSON"),
+        (b"[]", "not a JSON object"),
+        (b'{"Timestamp": 1, "reason": "request"}', "conversation_id must be a string"),
+        (b'{"conversation_id": "a/b", "Timestamp": 1, "reason": "request"}', "may only hold"),
+        (b'{"conversation_id": "c", "reason": "request"}', "Timestamp must be int"),
+        (b'{"conversation_id": "c", "Timestamp": 1, "reason": "bored"}', "unknown reason"),
+        (b'{"conversation_id": "c", "Timestamp": 1, "reason": "expired"}', "needs idle_since"),
+    ],
+)
+def test_a_bad_forget_record_says_why(value, reason):
+    from marvin_faust.models import parse_forget
+
+    with pytest.raises(BadMessage, match=reason):
+        parse_forget(value)
