@@ -107,6 +107,33 @@ class Settings(BaseSettings):
     )
     max_text_chars: int = Field(4000, ge=1, description="Longer human texts are dead-lettered.")
     max_stored_turns: int = Field(200, ge=2, description="History turns kept per conversation.")
+    conversation_ttl: float = Field(
+        30 * 24 * 3600.0,
+        ge=0,
+        description=(
+            "Seconds a conversation may stay idle (no new turn) before it is deleted; "
+            "0 = keep forever."
+        ),
+    )
+    expiry_interval: float = Field(
+        60.0, gt=0, description="Seconds between two sweeps for idle conversations."
+    )
+    changelog_delete_retention: float = Field(
+        24 * 3600.0,
+        gt=0,
+        description=(
+            "Seconds the history changelog keeps a deletion's tombstone once compacted "
+            "(delete.retention.ms, set at its creation)."
+        ),
+    )
+    changelog_compaction_lag: float = Field(
+        24 * 3600.0,
+        gt=0,
+        description=(
+            "Seconds at most before a replaced or deleted history is compacted away "
+            "(max.compaction.lag.ms, set at the changelog's creation)."
+        ),
+    )
 
     disabled_faust_fixes: str = Field(
         "",

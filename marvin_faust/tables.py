@@ -3,7 +3,13 @@
 Key: the conversation id (the chat topic's key, so the table is co-partitioned with it).
 Value: a list of :class:`~marvin_faust.conversation.Turn` dicts, oldest first, bounded by
 ``MARVIN_MAX_STORED_TURNS``. Always assign a new list: Faust only writes the changelog on
-assignment, never on in-place mutation.
+assignment, never on in-place mutation. A deleted conversation (``del table[id]``) is a
+tombstone (null value) in the changelog.
+
+The changelog is compacted (Faust's default for tables, ``cleanup.policy=compact``); at its
+creation it also gets :func:`changelog_config`: how long a tombstone outlives the compaction
+that dropped the values before it, and how long a replaced or deleted value may wait for
+compaction at most. An existing changelog keeps the configuration it was created with.
 """
 
 from __future__ import annotations
@@ -40,6 +46,16 @@ class HistoryTable(faust.Table):
             await self._unwritten.pop(0)
 
 
+def changelog_config(settings: Settings) -> dict[str, int]:
+    """Topic configuration of the history changelog, besides ``cleanup.policy=compact``."""
+    return {
+        "delete.retention.ms": int(settings.changelog_delete_retention * 1000),
+        # Without it (Kafka's default: forever) a segment is compacted only once dirty enough,
+        # and a deleted conversation's values could stay in it indefinitely.
+        "max.compaction.lag.ms": int(settings.changelog_compaction_lag * 1000),
+    }
+
+
 def declare_history(app: faust.App, settings: Settings) -> HistoryTable:
     return app.tables.add(
         HistoryTable(
@@ -54,6 +70,7 @@ def declare_history(app: faust.App, settings: Settings) -> HistoryTable:
             # encodes them.
             key_type=bytes,
             partitions=settings.partitions,
+            extra_topic_configs=changelog_config(settings),
             help="Conversation id -> list of turns (role, text, timestamp, message_id).",
         )
     )
