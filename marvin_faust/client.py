@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -21,7 +21,9 @@ from .models import (
     MESSAGE_ID_HEADER,
     BadMessage,
     ChatMessage,
+    Forget,
     header_value,
+    make_forget,
     make_message,
     new_message_id,
     parse_chat_message,
@@ -166,6 +168,45 @@ class ChatClient:
         except KafkaError as exc:
             raise ChatClientError(f"cannot send to {self.settings.topic!r}: {exc}") from None
         return message_id
+
+    async def forget(self, conversation_id: str) -> list[tuple[int, str]]:
+        """Ask for a conversation's history to be deleted: a forget record on every partition
+        of the chat topic, so that whichever partitioner its front ends used, each part of it
+        is deleted, in order with its messages there. Returns ``(partition, uuid header)``
+        pairs once Kafka has every record."""
+        topic = self.settings.topic
+        try:
+            # All the metadata, not the topic's: naming a missing topic would create it.
+            metadata = await self._producer.client.fetch_all_metadata()
+        except KafkaError as exc:
+            raise ChatClientError(f"cannot read the metadata of {topic!r}: {exc}") from None
+        partitions = metadata.partitions_for_topic(topic)
+        if not partitions:
+            raise ChatClientError(
+                f"topic {topic!r} does not exist: is a marvin-faust worker running?"
+            )
+        forget = make_forget(conversation_id)
+        return await self.send_forgets([(forget, partition) for partition in sorted(partitions)])
+
+    async def send_forgets(self, forgets: Sequence[tuple[Forget, int]]) -> list[tuple[int, str]]:
+        """Send forget records, each to its partition, all at once; returns ``(partition,
+        uuid header)`` of each once Kafka has every one."""
+        sent = [(partition, new_message_id()) for _, partition in forgets]
+        try:
+            deliveries = [
+                await self._producer.send(
+                    self.settings.topic,
+                    key=forget.conversation_id.encode(),
+                    value=forget.to_bytes(),
+                    headers=Forget.headers(message_id),
+                    partition=partition,
+                )
+                for (forget, _), (partition, message_id) in zip(forgets, sent, strict=True)
+            ]
+            await asyncio.gather(*deliveries)
+        except KafkaError as exc:
+            raise ChatClientError(f"cannot send to {self.settings.topic!r}: {exc}") from None
+        return sent
 
     async def greet(self, conversation_id: str | None = None) -> ChatMessage:
         """Open a conversation with the bot's fixed greeting (fresh uuid4 id unless given)."""
