@@ -14,6 +14,10 @@ Per message, in order:
    one transaction; under at_least_once the reply is delivered before the history that marks
    the message answered is written.
 
+A forget record (header ``marvin-control: forget``, ``models.Forget``) deletes the
+conversation's history instead, in the same transaction as its offset; an expiry only if the
+conversation's newest turn is still the one the sweep saw (``marvin_faust.lifecycle``).
+
 :class:`Answerer` holds the agent's body with every dependency explicit; :func:`declare_agent`
 registers it on an app. Up to ``backend.parallel`` messages are answered at once, one
 conversation's strictly in order (``scheduling.run_keyed``); each event is acknowledged when it
@@ -33,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from faust.types import AgentT, EventT
 
+from .activity import last_activity
 from .conversation import (
     append_turns,
     build_prompt,
@@ -49,15 +54,19 @@ from .dead_letters import (
 )
 from .llm import Generation, ModelError, ModelTimeout
 from .models import (
+    CONTROL_HEADER,
+    FORGET,
     IN_REPLY_TO_HEADER,
     MESSAGE_ID_HEADER,
     BadMessage,
     ChatMessage,
+    ForgetReason,
     header_pairs,
     header_value,
     make_message,
     new_message_id,
     parse_chat_message,
+    parse_forget,
 )
 from .scheduling import run_keyed
 from .streaming import FinishReason, ReplyStream
@@ -81,6 +90,10 @@ class Outcome(StrEnum):
     DROPPED = "dropped"  # the bot's own message
     GREETING = "greeting"
     DUPLICATE = "duplicate"
+    FORGOTTEN = "forgotten"  # deleted on request
+    EXPIRED = "expired"  # deleted for being idle
+    KEPT = "kept"  # an expiry that found the conversation active again
+    ABSENT = "absent"  # a deletion of a conversation not stored here
 
 
 def declare_agent(app: MarvinApp) -> AgentT:
@@ -126,6 +139,7 @@ class Answerer:
         self.metrics = app.metrics
         self.barrier = app.commit_barrier
         self.streams = app.stream_publisher
+        self.lifecycle = app.lifecycle
         # Whether replies and stream chunks go to their message's partition (see prepare).
         self.replies_on_source = True
         self.stream_on_source = True
@@ -193,11 +207,16 @@ class Answerer:
         """Answer, store or dead-letter one record read from ``partition`` of the chat topic."""
         settings = self.settings
         try:
+            control = header_value(headers, CONTROL_HEADER)
+            if control is not None:
+                return await self.forget(key, value, control, headers, partition)
             chat = parse_chat_message(value, max_text_chars=settings.max_text_chars)
             if key is None or key.decode("utf-8", errors="replace") != chat.conversation_id:
                 raise BadMessage("the record key must be the conversation_id")
             if chat.role == settings.ai_role:
-                return await self.record_greeting(chat, header_value(headers, MESSAGE_ID_HEADER))
+                return await self.record_greeting(
+                    chat, header_value(headers, MESSAGE_ID_HEADER), partition
+                )
             if chat.role != settings.human_role:
                 raise BadMessage(f"unknown role {chat.role!r}")
             return await self.reply_to(
@@ -214,15 +233,56 @@ class Answerer:
         self.metrics.dead_letters.labels(cause=cause).inc()
         return Outcome.DEAD_LETTERED
 
-    async def record_greeting(self, chat: ChatMessage, message_id: str | None) -> Outcome:
+    async def record_greeting(
+        self, chat: ChatMessage, message_id: str | None, partition: int | None
+    ) -> Outcome:
         """Store the bot's opening line; every other AI message is the bot's own reply."""
         if self.history[chat.conversation_id]:
             return Outcome.DROPPED
+        stored = [make_turn(chat.role, chat.text, chat.Timestamp, message_id)]
         async with self.barrier.writes_of_one_event():
-            self.history[chat.conversation_id] = [
-                make_turn(chat.role, chat.text, chat.Timestamp, message_id)
-            ]
+            self.history[chat.conversation_id] = stored
+        self.lifecycle.written(partition, chat.conversation_id, stored)
         return Outcome.GREETING
+
+    async def forget(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        control: str,
+        headers: Any,
+        partition: int | None,
+    ) -> Outcome:
+        """Delete a conversation's history: a tombstone in the changelog, committed with the
+        record's offset. An expiry deletes only if the newest turn is the one the sweep saw."""
+        try:
+            if control != FORGET:
+                raise BadMessage(f"unknown {CONTROL_HEADER} {control!r}")
+            forget = parse_forget(value)
+            cid = forget.conversation_id
+            if key is None or key.decode("utf-8", errors="replace") != cid:
+                raise BadMessage("the record key must be the conversation_id")
+            past = self.history[cid]
+            newest = last_activity(past)
+            if newest is None:
+                self.lifecycle.deleted(partition, cid)
+                return Outcome.ABSENT
+            expired = forget.reason is ForgetReason.EXPIRED
+            if expired and newest != forget.idle_since:
+                log.info("Keeping %s: active since its expiry was decided", cid)
+                self.lifecycle.written(partition, cid, past)
+                return Outcome.KEPT
+            async with self.barrier.writes_of_one_event():
+                del self.history[cid]
+            self.lifecycle.deleted(partition, cid)
+            log.info("Deleted %s (%s)", cid, forget.reason.value)
+            if expired:
+                self.metrics.conversations_expired.inc()
+                return Outcome.EXPIRED
+            self.metrics.conversations_forgotten.inc()
+            return Outcome.FORGOTTEN
+        finally:
+            self.lifecycle.applied(header_value(headers, MESSAGE_ID_HEADER))
 
     async def reply_to(
         self, chat: ChatMessage, message_id: str | None, partition: int | None, source: str
@@ -257,7 +317,7 @@ class Answerer:
                     partition=partition if self.replies_on_source else None,
                 )
             )
-            self.history[cid] = append_turns(
+            stored = append_turns(
                 past,
                 [
                     make_turn(chat.role, chat.text, chat.Timestamp, known_as),
@@ -265,6 +325,8 @@ class Answerer:
                 ],
                 settings.max_stored_turns,
             )
+            self.history[cid] = stored
+        self.lifecycle.written(partition, cid, stored)
         log.info(
             "Answered %s in %.2fs (%d tokens, %.1f tokens/s)",
             cid,

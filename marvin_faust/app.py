@@ -24,6 +24,7 @@ from mode import Service
 from . import faust_fixes
 from .agents import declare_agent
 from .commands import declare_commands
+from .lifecycle import Lifecycle
 from .llm import ChatBackend, ModelLoadError, create_backend
 from .metrics import Metrics
 from .partitioners import partitioner_named
@@ -76,11 +77,12 @@ def discard_unclean_state(tabledir: Path) -> bool:
 class MarvinApp(faust.App):
     """faust.App on the fixed transport (``faust_fixes``) that only trusts local table state
     left by a clean shutdown. Its parts: ``settings``, ``backend``, ``chat_topics``, ``history``,
-    ``answer`` (the agent), ``metrics``, ``commit_barrier``, ``stream_publisher`` (None when
-    streaming is off)."""
+    ``lifecycle`` (expiry and deletion), ``answer`` (the agent), ``metrics``, ``commit_barrier``,
+    ``stream_publisher`` (None when streaming is off)."""
 
     chat_topics: Topics
     history: HistoryTable
+    lifecycle: Lifecycle
     answer: AgentT
 
     def __init__(self, settings: Settings, backend: ChatBackend) -> None:
@@ -206,6 +208,7 @@ def create_app(settings: Settings, backend: ChatBackend | None = None) -> Marvin
     app = MarvinApp(settings, backend or create_backend(settings))
     app.chat_topics = declare_topics(app, settings)
     app.history = declare_history(app, settings)
+    app.lifecycle = declare_lifecycle(app)
     app.answer = declare_agent(app)
     declare_views(app)
     declare_commands(app)
@@ -219,6 +222,19 @@ def create_app(settings: Settings, backend: ChatBackend | None = None) -> Marvin
         app, pattern="/metrics", registry=app.metrics.registry, name_prefix="faust"
     )
     return app
+
+
+def declare_lifecycle(app: MarvinApp) -> Lifecycle:
+    """Expiry and deletion (``marvin_faust.lifecycle``): the index follows the partitions the
+    worker owns after each recovery; the sweep runs only with a TTL."""
+    lifecycle = Lifecycle(app)
+    app.add_dependency(lifecycle)
+    app.history.on_recover(lifecycle.on_recovered)
+    if app.settings.conversation_ttl > 0:
+        app.timer(interval=app.settings.expiry_interval, name="marvin_faust.expire")(
+            lifecycle.sweep
+        )
+    return lifecycle
 
 
 # Faust's options before the command that take a value (faust/cli/base.py).

@@ -52,9 +52,19 @@ class Metrics:
             ["cache"],
             registry=self.registry,
         )
-        self.active_conversations = Gauge(
-            "marvin_active_conversations",
-            "Conversations with stored history in this worker's table partitions.",
+        self.conversations_stored = Gauge(
+            "marvin_conversations_stored",
+            "Conversations with stored history in the table partitions this worker owns.",
+            registry=self.registry,
+        )
+        self.conversations_expired = Counter(
+            "marvin_conversations_expired",
+            "Conversations deleted for being idle longer than MARVIN_CONVERSATION_TTL.",
+            registry=self.registry,
+        )
+        self.conversations_forgotten = Counter(
+            "marvin_conversations_forgotten",
+            "Conversations deleted on request (marvin-faust forget, DELETE).",
             registry=self.registry,
         )
 

@@ -125,7 +125,3 @@ def declare_views(app: MarvinApp) -> None:
         """
         producer = app.producer._ensure_producer()
         await producer.partitions_for(history.changelog_topic.get_topic_name())
-
-    @app.timer(interval=10.0)
-    async def count_conversations() -> None:
-        app.metrics.active_conversations.set(len(history))

@@ -399,3 +399,61 @@ async def test_conversations_are_answered_at_once_each_one_in_order(agent, monke
             "human: third",
         ]
     )
+
+
+def forget_record(cid: str, **fields) -> tuple[bytes, dict]:
+    from marvin_faust.models import Forget, make_forget
+
+    forget = make_forget(cid, **fields)
+    return forget.to_bytes(), dict(Forget.headers(f"forget-{cid}"))
+
+
+async def test_a_forget_record_deletes_the_history_and_a_new_message_starts_afresh(agent):
+    await agent.put(wire("f1", "remember me"), key=b"f1")
+    lifecycle = agent.answerer.lifecycle
+    assert lifecycle.index.last_activity(0, "f1") == agent.history["f1"][-1]["timestamp"]
+    value, headers = forget_record("f1")
+    event = await agent.put(value, key=b"f1", headers=headers)
+    assert agent.results[event.message.offset] == agents.Outcome.FORGOTTEN
+    assert "f1" not in agent.history
+    assert lifecycle.index.last_activity(0, "f1") is None
+    assert agent.replies()[1:] == [] and agent.dead_letters() == []
+    # idempotent: nothing left to delete
+    event = await agent.put(value, key=b"f1", headers=headers)
+    assert agent.results[event.message.offset] == agents.Outcome.ABSENT
+    await agent.put(wire("f1", "who are you?"), key=b"f1")
+    assert [t["text"] for t in agent.history["f1"]] == ["who are you?", "human: who are you?"]
+
+
+async def test_an_expiry_deletes_only_if_the_newest_turn_is_the_one_the_sweep_saw(agent):
+    from marvin_faust.models import ForgetReason
+
+    await agent.put(wire("f2", "hello"), key=b"f2")
+    seen = agent.history["f2"][-1]["timestamp"]
+    await agent.put(wire("f2", "still here"), key=b"f2")  # after the sweep decided
+    value, headers = forget_record("f2", reason=ForgetReason.EXPIRED, idle_since=seen)
+    event = await agent.put(value, key=b"f2", headers=headers)
+    assert agent.results[event.message.offset] == agents.Outcome.KEPT
+    assert len(agent.history["f2"]) == 4
+    newest = agent.history["f2"][-1]["timestamp"]
+    value, headers = forget_record("f2", reason=ForgetReason.EXPIRED, idle_since=newest)
+    event = await agent.put(value, key=b"f2", headers=headers)
+    assert agent.results[event.message.offset] == agents.Outcome.EXPIRED
+    assert "f2" not in agent.history
+
+
+@pytest.mark.parametrize(
+    ("value", "key", "headers", "reason"),
+    [
+        (b"{}", b"f3", {"marvin-control": b"reboot"}, "unknown marvin-control 'reboot'"),
+        (b"[]", b"f3", {"marvin-control": b"forget"}, "not a JSON object"),
+        (forget_record("f3")[0], b"other", {"marvin-control": b"forget"}, "record key must be"),
+    ],
+)
+async def test_a_bad_control_record_is_dead_lettered(agent, value, key, headers, reason):
+    await agent.put(wire("f3", "keep me"), key=b"f3")
+    event = await agent.put(value, key=key, headers=headers)
+    assert agent.results[event.message.offset] == agents.Outcome.DEAD_LETTERED
+    [letter] = agent.dead_letters()
+    assert reason in dict(letter["headers"])[agents.REASON_HEADER].decode()
+    assert len(agent.history["f3"]) == 2
