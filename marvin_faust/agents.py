@@ -275,10 +275,10 @@ class Answerer:
             async with self.barrier.writes_of_one_event():
                 del self.history[cid]
             self.lifecycle.deleted(partition, cid)
-            log.info("Deleted %s (%s)", cid, forget.reason.value)
-            if expired:
+            if expired:  # the sweep logs how many
                 self.metrics.conversations_expired.inc()
                 return Outcome.EXPIRED
+            log.info("Forgot %s, as asked", cid)
             self.metrics.conversations_forgotten.inc()
             return Outcome.FORGOTTEN
         finally:

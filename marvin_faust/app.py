@@ -217,6 +217,7 @@ def create_app(settings: Settings, backend: ChatBackend | None = None) -> Marvin
     app.add_dependency(ModelLoader(app.backend))
     if app.stream_publisher is not None:
         app.add_dependency(app.stream_publisher)
+    app.add_dependency(app.lifecycle)
     # Faust's own sensor metrics and ours, in one registry served at /metrics.
     setup_prometheus_sensors(
         app, pattern="/metrics", registry=app.metrics.registry, name_prefix="faust"
@@ -228,7 +229,6 @@ def declare_lifecycle(app: MarvinApp) -> Lifecycle:
     """Expiry and deletion (``marvin_faust.lifecycle``): the index follows the partitions the
     worker owns after each recovery; the sweep runs only with a TTL."""
     lifecycle = Lifecycle(app)
-    app.add_dependency(lifecycle)
     app.history.on_recover(lifecycle.on_recovered)
     if app.settings.conversation_ttl > 0:
         app.timer(interval=app.settings.expiry_interval, name="marvin_faust.expire")(

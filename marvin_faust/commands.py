@@ -1,5 +1,5 @@
-"""CLI commands beyond Faust's own: ``greet``, ``chat``, ``say``, ``webchat`` (front ends over
-Kafka) and ``broker`` (the local development broker)."""
+"""CLI commands beyond Faust's own: ``greet``, ``chat``, ``say``, ``forget``, ``webchat`` (front
+ends over Kafka) and ``broker`` (the local development broker)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def command(*options: Any) -> Any:
 
 
 def declare_commands(app: faust.App) -> None:
-    """``greet``, ``chat``, ``say``, ``webchat`` on ``app``; ``broker`` on Faust's CLI."""
+    """``greet``, ``chat``, ``say``, ``forget``, ``webchat`` on ``app``; ``broker`` on Faust's
+    CLI."""
     for fun, options in _COMMANDS:
         app.command(*options)(fun)
     if "broker" not in faust_cli.commands:
@@ -245,6 +246,24 @@ async def say(
         click.echo(json.dumps(reply.asdict(), ensure_ascii=False))
     else:
         live.final(reply.text)
+
+
+@command(argument("conversation_id"))
+async def forget(self: AppCommand, conversation_id: str) -> None:
+    """Delete a conversation's stored history, wherever it is stored.
+
+    Sends a forget record to every partition of the chat topic; the workers delete the history
+    in order with the conversation's messages. A later message starts a fresh conversation.
+    Forgetting an unknown or already forgotten conversation changes nothing.
+    """
+    check_conversation_id(conversation_id)
+    quiet_kafka_logs()
+    try:
+        async with ChatClient(self.app.settings, listen=False) as client:
+            await client.forget(conversation_id)
+    except ChatClientError as exc:
+        fail(str(exc))
+    click.echo(f"forget {conversation_id}: sent; the workers delete it in order")
 
 
 @command(

@@ -4,6 +4,9 @@
   the worker that owns the key's partition. Requires ``Authorization: Bearer <token>`` when
   ``MARVIN_API_TOKEN`` is set; an invalid id (``models.conversation_id_problem``) gets 400
   before it is routed anywhere.
+- ``DELETE /conversations/{id}/``: delete it, the way ``marvin-faust forget`` does (forget
+  records on the chat topic, ``marvin_faust.lifecycle``); guarded, checked and routed the same
+  way.
 - ``GET /health/``: liveness. ``GET /ready/``: readiness (tables recovered, model loaded).
 - ``GET /metrics``: Prometheus text (set up in ``app.py``).
 - ``GET /``: Faust's production index, ``{"status": "OK"}``.
@@ -28,6 +31,9 @@ if TYPE_CHECKING:
     from .app import MarvinApp
 
 Handler = Callable[..., Awaitable[Response]]
+
+# Seconds a DELETE waits for the deletion to be applied before it answers 202.
+FORGET_WAIT = 10.0
 
 
 def require_token(token: str | None) -> Callable[[Handler], Handler]:
@@ -80,7 +86,6 @@ def parse_limit(raw: str | None) -> int | None:
 def declare_views(app: MarvinApp) -> None:
     history, backend = app.history, app.backend
 
-    @app.page("/conversations/{conversation_id}/")
     @require_token(app.settings.api_token)
     @valid_conversation_id("conversation_id")  # before table_route sends it to another worker
     @app.table_route(table=history, match_info="conversation_id")
@@ -96,6 +101,26 @@ def declare_views(app: MarvinApp) -> None:
         return view.json(
             {"conversation_id": conversation_id, "total_turns": len(turns), "turns": shown}
         )
+
+    @require_token(app.settings.api_token)
+    @valid_conversation_id("conversation_id")
+    @app.table_route(table=history, match_info="conversation_id")
+    async def forget(view: View, request: Request, conversation_id: str) -> Response:
+        """200 once this worker's agent deleted it, 202 if not within FORGET_WAIT (it waits
+        behind the conversation's messages), 404 if nothing is stored under the id here. The
+        forget records go out in every case: a part written by another partitioner lives on
+        another partition."""
+        stored = bool(history[conversation_id])
+        deleted = await app.lifecycle.forget(conversation_id, wait=FORGET_WAIT)
+        if not stored:
+            return view.json({"error": f"no conversation {conversation_id!r}"}, status=404)
+        return view.json(
+            {"conversation_id": conversation_id, "deleted": deleted}, status=200 if deleted else 202
+        )
+
+    app.page("/conversations/{conversation_id}/")(
+        type("conversation", (View,), {"get": conversation, "delete": forget})
+    )
 
     @app.page("/health/")
     async def health(view: View, request: Request) -> Response:
