@@ -13,7 +13,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -200,3 +200,66 @@ def ask(env: dict, cid: str, text: str, expected_replies: int, message_id: str |
 def run(coro):
     """``asyncio.run``: the helpers above are coroutines, the tests plain functions."""
     return asyncio.run(coro)
+
+
+# -- Topic state: configuration and latest values --------------------------------------------
+
+
+async def topic_config(bootstrap: str, topic: str) -> dict[str, str]:
+    """The topic's configuration as the broker reports it (every entry, defaults too)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        [response] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    finally:
+        await admin.close()
+    [resource] = response.resources
+    # (error code, error message, type, name, entries); entries: (name, value, ...)
+    return {entry[0]: entry[1] for entry in resource[4]}
+
+
+async def latest_values(bootstrap: str, topic: str, timeout: float = 60.0) -> dict[bytes, Any]:
+    """Each key's latest committed value on ``topic`` (None: a tombstone), read to the end."""
+    consumer = AIOKafkaConsumer(
+        topic,  # with no group: every partition
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        isolation_level="read_committed",
+    )
+    await consumer.start()
+    latest: dict[bytes, Any] = {}
+    try:
+        deadline = time.monotonic() + timeout
+        while not (partitions := sorted(consumer.assignment())):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no partitions of {topic} assigned in {timeout}s")
+            await asyncio.sleep(0.1)
+        ends = await consumer.end_offsets(partitions)
+        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{topic} not read to its end in {timeout}s")
+            for messages in (await consumer.getmany(timeout_ms=200)).values():
+                for record in messages:
+                    latest[record.key] = record.value
+    finally:
+        await consumer.stop()
+    return latest
+
+
+async def write_histories(bootstrap: str, topic: str, histories: dict[str, list]) -> None:
+    """Write conversations' histories straight into the history changelog ``topic``, in the
+    table's format (key: the id's bytes, value: the JSON list of turns), each on the partition
+    the murmur2 partitioner gives its key, as the chat topic's."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks="all")
+    await producer.start()
+    try:
+        for cid, turns in histories.items():
+            await producer.send(topic, key=cid.encode(), value=json.dumps(turns).encode())
+        await producer.flush()
+    finally:
+        await producer.stop()

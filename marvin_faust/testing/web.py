@@ -10,7 +10,16 @@ import urllib.request
 def get(url: str, token: str | None = None) -> tuple[int, dict | str]:
     """``(status, body)`` of a GET, the body parsed as JSON when it is JSON; an HTTP error status
     is returned, not raised (a refused connection raises ``OSError``)."""
-    request = urllib.request.Request(url)
+    return call("GET", url, token)
+
+
+def delete(url: str, token: str | None = None) -> tuple[int, dict | str]:
+    """``(status, body)`` of a DELETE, as :func:`get`."""
+    return call("DELETE", url, token)
+
+
+def call(method: str, url: str, token: str | None = None) -> tuple[int, dict | str]:
+    request = urllib.request.Request(url, method=method)
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
     try:
