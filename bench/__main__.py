@@ -42,6 +42,7 @@ FULL = {
     "model_runs": 5,
     "streaming_runs": 80,
     "recovery_sizes": "1000,10000",
+    "retention_conversations": 10000,
     "profile_seconds": 20.0,
     "batching_rounds": 3,
     "batching_max_tokens": 128,
@@ -55,6 +56,7 @@ QUICK = {
     "model_runs": 2,
     "streaming_runs": 12,
     "recovery_sizes": "200,1000",
+    "retention_conversations": 1000,
     "profile_seconds": 8.0,
     "batching_rounds": 1,
     "batching_max_tokens": 48,
@@ -87,6 +89,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile-seconds", type=float)
     parser.add_argument("--recovery-sizes", help="comma-separated conversation counts")
     parser.add_argument("--recovery-turns", type=int, default=10, help="turns per conversation")
+    parser.add_argument(
+        "--retention-conversations",
+        type=int,
+        help="recovery with 90%% of this many expired, before and after compaction (0: skip)",
+    )
     parser.add_argument("--model-runs", type=int, help="measured generations per side")
     parser.add_argument(
         "--model-max-tokens", type=int, default=64, help="MARVIN_MAX_TOKENS (model, streaming)"
@@ -341,6 +348,13 @@ def run_recovery(cluster: Cluster, args: argparse.Namespace, out: dict[str, Any]
     baseline, results = recovery.recovery(cluster, args.recovery_sizes, args.recovery_turns)
     out["turns_per_conversation"] = args.recovery_turns
     out["rows"] = [baseline.as_dict(), *(r.as_dict() for r in results)]
+    if args.retention_conversations:
+        say(f"recovery: {args.retention_conversations} conversations, 90% expired")
+        rows, expiry = recovery.retention(
+            cluster, args.retention_conversations, args.recovery_turns
+        )
+        out["rows"] += [r.as_dict() for r in rows]
+        out["expiry"] = expiry
 
 
 def run_model(cluster: Cluster, args: argparse.Namespace, out: dict[str, Any]) -> None:

@@ -18,6 +18,14 @@ a partition with no committed offset yet was never answered (seen 2 times in 3 f
 worker's fetcher read it while the table was still recovering, and Faust's seek to the
 committed offsets afterwards left that partition alone); that is a defect of its own, not a
 recovery time.
+
+Retention (:func:`retention`): the same recovery over 10,000 conversations of which 90% have
+expired. They are written with turns two hours old (the rest a minute old), a worker with a
+one-hour ``MARVIN_CONVERSATION_TTL`` deletes them the way it does in production (expiry records,
+then tombstones in the changelog), and a fresh worker recovers twice: before the broker has
+compacted the changelog (every value and every tombstone still there), and after (the
+changelog's compaction forced with small ``segment.ms``, ``max.compaction.lag.ms`` and
+``delete.retention.ms``, a record appended to roll the active segment, which is never compacted).
 """
 
 from __future__ import annotations
@@ -30,18 +38,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from marvin_faust.conversation import Turn, make_turn
 from marvin_faust.testing.kafka import changelog_topic, one_conversation_per_partition
+from marvin_faust.testing.web import counter
 
 from .driver import Driver
 from .harness import Cluster, http_get
 
 
-def stored_turns(cid: str, count: int) -> list[Turn]:
-    """A conversation's history: alternating human / AI turns, distinct texts."""
-    now = time.time_ns()
+def stored_turns(cid: str, count: int, age_seconds: float = 0.0) -> list[Turn]:
+    """A conversation's history: alternating human / AI turns, distinct texts, the newest
+    ``age_seconds`` old."""
+    now = time.time_ns() - int(age_seconds * 1e9) - count
     return [
         make_turn(
             "human" if index % 2 == 0 else "AI",
@@ -53,14 +65,17 @@ def stored_turns(cid: str, count: int) -> list[Turn]:
     ]
 
 
-async def fill_changelog(bootstrap: str, topic: str, cids: list[str], turns: int) -> int:
+async def fill_changelog(
+    bootstrap: str, topic: str, cids: list[str], turns: int, age_seconds: float = 0.0
+) -> int:
     """Write one history record per conversation; returns the bytes written."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks="all")
     await producer.start()
     written = 0
     try:
         for cid in cids:
-            value = json.dumps(stored_turns(cid, turns), separators=(",", ":")).encode()
+            history = stored_turns(cid, turns, age_seconds)
+            value = json.dumps(history, separators=(",", ":")).encode()
             written += len(value)
             await producer.send(topic, key=cid.encode(), value=value)
         await producer.flush()
@@ -78,11 +93,16 @@ class RecoveryResult:
     history_recovered: bool
     note: str = ""
     start: str = "empty data dir"
+    case: str = "all live"
+    records: Records | None = None  # what the changelog held (retention cases)
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "case": self.case,
             "conversations": self.conversations,
             "start": self.start,
+            "changelog_values": None if self.records is None else self.records.values,
+            "changelog_tombstones": None if self.records is None else self.records.tombstones,
             "changelog_mib": round(self.changelog_bytes / 2**20, 2),
             "seconds_to_ready_line": round(self.seconds_to_ready_line, 2),
             "seconds_to_answer": None
@@ -149,7 +169,7 @@ def recovery(
     ready, answered, held, note = start_and_ask(
         cluster, env, "recovery-empty", first, None, answer_wait, tuple(others)
     )
-    baseline = RecoveryResult(0, 0, ready, answered, held, note)
+    baseline = RecoveryResult(0, 0, ready, answered, held, note, case="empty changelog")
 
     topic = changelog_topic(env["MARVIN_APP_ID"])
     cids: list[str] = []
@@ -179,3 +199,145 @@ def recovery(
             )
         )
     return baseline, results
+
+
+# -- Retention ---------------------------------------------------------------------------------
+
+SWEEPING = {"MARVIN_CONVERSATION_TTL": "3600", "MARVIN_EXPIRY_INTERVAL": "1"}
+IDLE_AGE = 7200.0  # seconds: twice the sweeping worker's TTL
+# Topic configuration that makes the broker's cleaner compact at once and drop tombstones.
+COMPACT_NOW = {
+    "cleanup.policy": "compact",
+    "segment.ms": "1000",
+    "max.compaction.lag.ms": "1000",
+    "min.cleanable.dirty.ratio": "0.01",
+    "delete.retention.ms": "0",
+}
+ROLL_KEY = b"bench-segment-roll"  # a tombstone of no conversation: appended to roll a segment
+
+
+@dataclass(frozen=True)
+class Records:
+    values: int
+    tombstones: int
+    value_bytes: int
+    keys_with_value: int  # keys whose latest record is a value
+
+    @property
+    def compacted(self) -> bool:
+        """No value left but each key's latest."""
+        return self.values == self.keys_with_value
+
+
+async def changelog_records(bootstrap: str, topic: str) -> Records:
+    """What a recovering worker reads on ``topic`` now (read_committed, to its end)."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        isolation_level="read_committed",
+    )
+    await consumer.start()
+    values = tombstones = value_bytes = 0
+    latest: dict[bytes, bool] = {}
+    try:
+        while not (partitions := sorted(consumer.assignment())):
+            await asyncio.sleep(0.1)
+        ends = await consumer.end_offsets(partitions)
+        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for record in records:
+                    if record.value is None:
+                        tombstones += 1
+                    else:
+                        values += 1
+                        value_bytes += len(record.value)
+                    latest[record.key] = record.value is not None
+    finally:
+        await consumer.stop()
+    return Records(values, tombstones, value_bytes, sum(latest.values()))
+
+
+async def compact_now(bootstrap: str, topic: str, timeout: float) -> Records:
+    """Make the broker compact ``topic`` and drop its tombstones; returns what it holds once
+    it has, or after ``timeout`` s, whichever comes first. A record appended every few seconds
+    rolls the active segment, which the cleaner never touches."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, COMPACT_NOW)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    deadline = time.monotonic() + timeout
+    try:
+        partitions = sorted(await producer.partitions_for(topic))
+        while True:
+            await asyncio.sleep(5.0)
+            for partition in partitions:
+                await producer.send_and_wait(topic, key=ROLL_KEY, value=None, partition=partition)
+            held = await changelog_records(bootstrap, topic)
+            # Left: the roll records of the active segments, at most two per partition.
+            if held.compacted and held.tombstones <= 2 * len(partitions):
+                return held
+            if time.monotonic() > deadline:
+                return held
+    finally:
+        await producer.stop()
+
+
+def wait_expired(url: str, count: int, timeout: float) -> float:
+    """Seconds until the worker at ``url`` has expired ``count`` conversations."""
+    started = time.monotonic()
+    while counter(url, "marvin_conversations_expired_total") < count:
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"fewer than {count} conversations expired after {timeout:g} s")
+        time.sleep(0.5)
+    return time.monotonic() - started
+
+
+def retention(
+    cluster: Cluster,
+    conversations: int,
+    turns: int,
+    expired_share: float = 0.9,
+    answer_wait: float = 120.0,
+    compaction_wait: float = 300.0,
+) -> tuple[list[RecoveryResult], dict[str, Any]]:
+    """Recovery of ``conversations`` of which ``expired_share`` expired: before and after the
+    changelog is compacted (see the module doc). Also returns how the expiry went."""
+    bootstrap = cluster.bootstrap
+    env = cluster.app_env("retention")
+    sweeping = {**env, **SWEEPING}
+    first, *others = one_conversation_per_partition(cluster.partitions)
+    start_and_ask(cluster, sweeping, "retention-first", first, None, answer_wait, tuple(others))
+    topic = changelog_topic(env["MARVIN_APP_ID"])
+    cids = [str(uuid.uuid4()) for _ in range(conversations)]
+    expiring = round(conversations * expired_share)
+    asyncio.run(fill_changelog(bootstrap, topic, cids[:expiring], turns, IDLE_AGE))
+    asyncio.run(fill_changelog(bootstrap, topic, cids[expiring:], turns, 60.0))
+
+    sweeper = cluster.worker(sweeping, "retention-sweep")  # recovers all, then expires
+    expiry_seconds = wait_expired(sweeper.url, expiring, timeout=600.0)
+    sweeper.stop()
+
+    probe = cids[expiring + (conversations - expiring) // 2]
+    last_turn = stored_turns(probe, turns)[-1]["text"]
+
+    def recover(case: str, held: Records, note: str = "") -> RecoveryResult:
+        ready, answered, found, why = start_and_ask(
+            cluster, env, f"retention-{case.split()[-1]}", probe, last_turn, answer_wait
+        )
+        note = "; ".join(part for part in (note, why) if part)
+        return RecoveryResult(
+            conversations, held.value_bytes, ready, answered, found, note, case, held
+        )
+
+    rows = [recover("90% expired, not compacted", asyncio.run(changelog_records(bootstrap, topic)))]
+    held = asyncio.run(compact_now(bootstrap, topic, compaction_wait))
+    unfinished = "" if held.compacted else f"not fully compacted after {compaction_wait:g} s"
+    rows.append(recover("90% expired, compacted", held, unfinished))
+    return rows, {"expired": expiring, "seconds_to_expire_all": round(expiry_seconds, 2)}

@@ -531,11 +531,14 @@ def _recovery(section: dict[str, Any]) -> list[str]:
     notes = []
     for row in rows:
         answered = row["seconds_to_answer"]
+        values, tombstones = row.get("changelog_values"), row.get("changelog_tombstones")
         table.append(
             [
+                row.get("case", ""),
                 row["conversations"],
                 row.get("start", "empty data dir"),
                 row["changelog_mib"],
+                "" if values is None else f"{values:,} / {tombstones:,}",
                 row["seconds_to_ready_line"],
                 answered if answered is not None else "no answer",
                 round(answered - base, 2) if answered is not None and base is not None else None,
@@ -544,21 +547,37 @@ def _recovery(section: dict[str, Any]) -> list[str]:
             ]
         )
         if row.get("note"):
-            notes.append(f"- {row['conversations']:,} conversations: {row['note']}")
+            notes.append(f"- {row['case']}, {row['conversations']:,}: {row['note']}")
+    expiry = section.get("expiry")
+    retention = (
+        [
+            f"Retention rows: {expiry['expired']:,} of the conversations were idle for twice "
+            "the TTL of a worker that expired them first (in "
+            f"{expiry['seconds_to_expire_all']} s from its Ready line); 'compacted' after the "
+            "broker's cleaner ran on the changelog. Values / tombstones: the records a "
+            "recovery reads (MiB: the values' bytes).",
+            "",
+        ]
+        if expiry
+        else []
+    )
     return [
         "## 5. Recovery",
         "",
         f"A worker with an empty data dir rebuilds the history table from its changelog "
         f"({section['turns_per_conversation']} turns per conversation), then answers a "
         "message that was waiting for it; times from the process start. The first row (an "
-        "empty changelog) is the baseline: start-up alone. The last row restarts the worker "
-        "that rebuilt the most on its own data dir, after its clean stop.",
+        "empty changelog) is the baseline: start-up alone. The 'restart on its own' row "
+        "restarts the worker that rebuilt the most on its own data dir, after its clean stop.",
         "",
+        *retention,
         *_table(
             [
+                "case",
                 "conversations",
                 "data dir",
                 "changelog MiB",
+                "values / tombstones",
                 "s to Ready line",
                 "s to answer",
                 "rebuild s (vs empty)",
