@@ -24,6 +24,7 @@ from marvin_faust.testing.kafka import (
     bootstrap_of,
     changelog_topic,
     latest_values,
+    one_conversation_per_partition,
     produce,
     run,
     topic_config,
@@ -71,6 +72,12 @@ def turn_texts(worker, cid: str, token: str | None = None) -> list[str]:
     return [turn["text"] for turn in body["turns"]]
 
 
+def committed_when(bootstrap: str, topic: str, check: Callable[[dict], bool]) -> dict | None:
+    """The changelog's latest committed values if ``check`` holds of them, else None."""
+    latest = run(latest_values(bootstrap, topic))
+    return latest if check(latest) else None
+
+
 def forget(env: dict, cid: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [MARVIN, "forget", cid],
@@ -113,8 +120,14 @@ def test_idle_conversations_expire_everywhere_and_live_ones_stay(start_worker, w
     assert counter(second.url, "marvin_conversations_expired_total") == len(idle)
     assert counter(second.url, "marvin_conversations_stored") == len(live) + 1
 
-    latest = run(latest_values(bootstrap, changelog))
-    assert all(latest[cid.encode()] is None for cid in idle)  # tombstones
+    # Deleted from the table at once, the tombstones visible once their transaction commits.
+    latest = wait_for(
+        lambda: committed_when(
+            bootstrap, changelog, lambda v: all(v[c.encode()] is None for c in idle)
+        ),
+        60,
+        "the tombstones",
+    )
     assert all(latest[cid.encode()] is not None for cid in [*live, revived])
 
     second.stop()
@@ -153,8 +166,11 @@ def test_forget_and_delete_remove_a_conversation_everywhere(start_worker, worker
     assert turn_texts(worker, by_cli, TOKEN)[0] == "Who are you?"
     assert len(turn_texts(worker, by_cli, TOKEN)) == 2
 
-    latest = run(latest_values(bootstrap, changelog))
-    assert latest[by_http.encode()] is None
+    latest = wait_for(
+        lambda: committed_when(bootstrap, changelog, lambda v: v[by_http.encode()] is None),
+        60,
+        "the tombstone",
+    )
     assert json.loads(latest[by_cli.encode()])[0]["text"] == "Who are you?"
 
     worker.stop()
@@ -192,14 +208,32 @@ def test_a_worker_killed_mid_sweep_loses_nothing_that_was_not_due(start_worker, 
     print(f"\n[kill -9 mid-sweep] {expired:.0f} of {len(due)} due ones deleted before the kill")
     third = start_worker(data_dir=first.data_dir, **TTL)
 
-    def every_due_one_deleted() -> dict | None:
-        latest = run(latest_values(bootstrap, changelog))
-        return latest if all(latest[cid.encode()] is None for cid in due) else None
-
-    latest = wait_for(every_due_one_deleted, 240, "deletion of every due conversation")
+    latest = wait_for(
+        lambda: committed_when(
+            bootstrap, changelog, lambda v: all(v[c.encode()] is None for c in due)
+        ),
+        240,
+        "deletion of every due conversation",
+    )
     for cid, turns in recent.items():
         assert json.loads(latest[cid.encode()]) == turns, cid
     for cid in live:
         assert turn_texts(third, cid)[0] == "Still here"
     for cid in list(recent)[:20]:
         assert turn_texts(third, cid) == [t["text"] for t in recent[cid]]
+
+
+@pytest.mark.slow
+def test_delete_is_routed_to_the_owner_from_either_worker(start_worker, worker_env):
+    env = {**worker_env, "MARVIN_PARTITIONS": "4"}
+    workers = [start_worker(MARVIN_PARTITIONS="4") for _ in range(2)]
+    for worker in workers:
+        wait_for(lambda w=worker: get(f"{w.url}/ready/")[0] == 200, 60, "readiness")
+    cids = one_conversation_per_partition(4)
+    for cid in cids:
+        ask(env, cid, "Remember this", expected_replies=1)
+    for n, cid in enumerate(cids):  # each asked of both workers in turn: some are routed
+        url = f"{workers[n % 2].url}/conversations/{cid}/"
+        assert delete(url) == (200, {"conversation_id": cid, "deleted": True}), cid
+    for worker in workers:
+        assert [view(worker, cid)[0] for cid in cids] == [404] * 4
