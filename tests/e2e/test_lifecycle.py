@@ -180,11 +180,14 @@ def test_forget_and_delete_remove_a_conversation_everywhere(start_worker, worker
     assert turn_texts(fresh, kept, TOKEN)[0] == "Remember this"
 
 
-def test_forget_without_a_worker_topic_fails_in_one_line(worker_env):
+def test_forget_fails_in_one_line_without_a_chat_topic_or_a_valid_id(worker_env):
     done = forget({**worker_env, "MARVIN_TOPIC": f"absent-{uuid.uuid4().hex[:8]}"}, "c")
     assert done.returncode != 0
     assert done.stderr.strip().startswith("marvin-faust: topic ")
     assert len(done.stderr.strip().splitlines()) == 1
+    done = forget(worker_env, "../a")
+    assert done.returncode != 0
+    assert done.stderr.strip().startswith("marvin-faust: invalid conversation id: ")
 
 
 @pytest.mark.slow

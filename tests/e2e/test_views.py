@@ -10,7 +10,7 @@ import pytest
 
 from marvin_faust.testing.kafka import ask
 from marvin_faust.testing.processes import settings_of
-from marvin_faust.testing.web import counter, get
+from marvin_faust.testing.web import counter, delete, get
 
 pytestmark = pytest.mark.kafka
 
@@ -25,6 +25,8 @@ ROUTES = {
     "/metrics": OPEN,
     "/conversations/{conversation_id}/": GUARDED,
 }
+# Methods other than GET (and HEAD) a route takes.
+MORE_METHODS = {"/conversations/{conversation_id}/": {"DELETE"}}
 # Faust's built-in routes that are switched off.
 FAUST_ROUTES_OFF = ["/router/", "/router/topics", "/table/", "/graph/", "/stats/", "/assignment/"]
 
@@ -111,7 +113,7 @@ def test_every_route_answers_with_the_token_and_only_probes_without(
 ):
     routes = served_routes({**worker_env, "MARVIN_API_TOKEN": TOKEN}, tmp_path / "routes")
     assert set(routes) == set(ROUTES), "a route was added or removed: list it in ROUTES"
-    assert all(methods == {"GET", "HEAD"} for methods in routes.values()), routes
+    assert routes == {r: {"GET", "HEAD", *MORE_METHODS.get(r, ())} for r in ROUTES}, routes
 
     worker = start_worker(MARVIN_API_TOKEN=TOKEN)
     assert wait_ready(worker.url)["status"] == 200
@@ -139,6 +141,7 @@ def test_every_route_answers_with_the_token_and_only_probes_without(
         assert status == 400 and isinstance(body, dict), (segment, status, body)
         assert body["error"].startswith("invalid conversation id: conversation_id "), body
         assert get(url)[0] == 401
+        assert delete(url, token=TOKEN)[0] == 400
 
 
 @pytest.mark.slow
