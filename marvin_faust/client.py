@@ -169,11 +169,8 @@ class ChatClient:
             raise ChatClientError(f"cannot send to {self.settings.topic!r}: {exc}") from None
         return message_id
 
-    async def forget(self, conversation_id: str) -> list[tuple[int, str]]:
-        """Ask for a conversation's history to be deleted: a forget record on every partition
-        of the chat topic, so that whichever partitioner its front ends used, each part of it
-        is deleted, in order with its messages there. Returns ``(partition, uuid header)``
-        pairs once Kafka has every record."""
+    async def chat_partitions(self) -> list[int]:
+        """The chat topic's partitions; fails when the topic does not exist."""
         topic = self.settings.topic
         try:
             # All the metadata, not the topic's: naming a missing topic would create it.
@@ -185,13 +182,20 @@ class ChatClient:
             raise ChatClientError(
                 f"topic {topic!r} does not exist: is a marvin-faust worker running?"
             )
-        forget = make_forget(conversation_id)
-        return await self.send_forgets([(forget, partition) for partition in sorted(partitions)])
+        return sorted(partitions)
 
-    async def send_forgets(self, forgets: Sequence[tuple[Forget, int]]) -> list[tuple[int, str]]:
-        """Send forget records, each to its partition, all at once; returns ``(partition,
-        uuid header)`` of each once Kafka has every one."""
-        sent = [(partition, new_message_id()) for _, partition in forgets]
+    async def forget(self, conversation_id: str) -> None:
+        """Ask for a conversation's history to be deleted: a forget record on every partition
+        of the chat topic, so that whichever partitioner its front ends used, each part of it
+        is deleted, in order with its messages there. Returns once Kafka has every record."""
+        forget = make_forget(conversation_id)
+        await self.send_forgets(
+            [(forget, partition, new_message_id()) for partition in await self.chat_partitions()]
+        )
+
+    async def send_forgets(self, forgets: Sequence[tuple[Forget, int, str]]) -> None:
+        """Send forget records, ``(record, partition, uuid header)``, all at once; returns
+        once Kafka has every one."""
         try:
             deliveries = [
                 await self._producer.send(
@@ -201,12 +205,11 @@ class ChatClient:
                     headers=Forget.headers(message_id),
                     partition=partition,
                 )
-                for (forget, _), (partition, message_id) in zip(forgets, sent, strict=True)
+                for forget, partition, message_id in forgets
             ]
             await asyncio.gather(*deliveries)
         except KafkaError as exc:
             raise ChatClientError(f"cannot send to {self.settings.topic!r}: {exc}") from None
-        return sent
 
     async def greet(self, conversation_id: str | None = None) -> ChatMessage:
         """Open a conversation with the bot's fixed greeting (fresh uuid4 id unless given)."""

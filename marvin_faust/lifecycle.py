@@ -39,7 +39,7 @@ from mode import Service
 
 from .activity import ActivityIndex, Due, last_activity
 from .client import ChatClient, ChatClientError
-from .models import Forget, ForgetReason, make_forget, now_ns
+from .models import Forget, ForgetReason, make_forget, new_message_id, now_ns
 
 if TYPE_CHECKING:
     from .app import MarvinApp
@@ -97,22 +97,28 @@ class Lifecycle(Service):
         those on the partitions it owns. Returns whether it did in time."""
         if self._client is None:
             raise ChatClientError("the worker is not started")
-        sent = await self._client.forget(conversation_id)
+        forget = make_forget(conversation_id)
+        planned = [
+            (forget, partition, new_message_id())
+            for partition in await self._client.chat_partitions()
+        ]
         owned = self._owned_partitions()
         loop = asyncio.get_running_loop()
-        futures = []
-        for partition, message_id in sent:
-            if partition in owned:
-                future = self._applied.setdefault(message_id, loop.create_future())
-                futures.append(future)
+        # Waited for before they are sent: the agent can apply one before the send returns.
+        applied = [
+            self._applied.setdefault(message_id, loop.create_future())
+            for _, partition, message_id in planned
+            if partition in owned
+        ]
         try:
+            await self._client.send_forgets(planned)
             async with asyncio.timeout(wait):
-                await asyncio.gather(*futures)
+                await asyncio.gather(*applied)
             return True
         except TimeoutError:
             return False
         finally:
-            for _, message_id in sent:
+            for *_, message_id in planned:
                 self._applied.pop(message_id, None)
 
     def _owned_partitions(self) -> set[int]:
@@ -166,7 +172,9 @@ class Lifecycle(Service):
         asked = 0
         while due := self.index.due(cutoff, SLICE):
             try:
-                await self._client.send_forgets([(expiry(entry), entry.partition) for entry in due])
+                await self._client.send_forgets(
+                    [(expiry(entry), entry.partition, new_message_id()) for entry in due]
+                )
             except ChatClientError as exc:
                 self.index.retry(due)  # the next sweep tries again
                 log.warning("Expiry sweep stopped: %s", exc)

@@ -14,7 +14,6 @@ class SentForgets:
 
     async def send_forgets(self, forgets):
         self.sent.extend(forgets)
-        return [(partition, f"m{n}") for n, (_, partition) in enumerate(forgets)]
 
 
 async def test_the_sweep_asks_to_expire_only_what_is_due(unit_app):
@@ -24,7 +23,7 @@ async def test_the_sweep_asks_to_expire_only_what_is_due(unit_app):
     lifecycle.written(0, "idle", [{"timestamp": now_ns() - 31 * 24 * hour}])
     lifecycle.written(1, "live", [{"timestamp": now_ns() - hour}])
     assert await lifecycle.sweep() == 1
-    [(forget, partition)] = client.sent
+    [(forget, partition, _)] = client.sent
     assert (forget.conversation_id, partition) == ("idle", 0)
     assert forget.reason is ForgetReason.EXPIRED
     assert forget.idle_since == lifecycle.index.last_activity(0, "idle")
