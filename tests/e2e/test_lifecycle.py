@@ -236,7 +236,10 @@ def test_delete_is_routed_to_the_owner_from_either_worker(start_worker, worker_e
     for cid in cids:
         ask(env, cid, "Remember this", expected_replies=1)
     for n, cid in enumerate(cids):  # each asked of both workers in turn: some are routed
-        url = f"{workers[n % 2].url}/conversations/{cid}/"
-        assert delete(url) == (200, {"conversation_id": cid, "deleted": True}), cid
+        status, body = delete(f"{workers[n % 2].url}/conversations/{cid}/")
+        # 202: the owner had not applied it within 10 s (a rebalance can hold it up)
+        assert status in (200, 202) and body["conversation_id"] == cid, (cid, status, body)
     for worker in workers:
-        assert [view(worker, cid)[0] for cid in cids] == [404] * 4
+        wait_for(
+            lambda w=worker: [view(w, cid)[0] for cid in cids] == [404] * 4, 60, "the deletions"
+        )
