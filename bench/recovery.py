@@ -333,7 +333,7 @@ def retention(
         )
         note = "; ".join(part for part in (note, why) if part)
         return RecoveryResult(
-            conversations, held.value_bytes, ready, answered, found, note, case, held
+            conversations, held.value_bytes, ready, answered, found, note, case=case, records=held
         )
 
     rows = [
