@@ -455,5 +455,5 @@ async def test_a_bad_control_record_is_dead_lettered(agent, value, key, headers,
     event = await agent.put(value, key=key, headers=headers)
     assert agent.results[event.message.offset] == agents.Outcome.DEAD_LETTERED
     [letter] = agent.dead_letters()
-    assert reason in dict(letter["headers"])[agents.REASON_HEADER].decode()
+    assert reason in dict(letter["headers"])[dead_letters.REASON_HEADER].decode()
     assert len(agent.history["f3"]) == 2
