@@ -637,20 +637,7 @@ def cids_on_partition(partition: int, count: int, partitions: int) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize(
-    "guarantee",
-    [
-        "exactly_once",
-        # Under the full suite this once left 1 of 29 messages unanswered after the restart
-        # (passed 5 times alone): a possible at_least_once loss path, open in issue 17.
-        pytest.param(
-            "at_least_once",
-            marks=pytest.mark.xfail(
-                strict=False, reason="issue 17: 1 of 29 unanswered once after the restart"
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
 def test_a_record_that_cannot_be_dead_lettered_stops_the_worker_unacknowledged(
     start_worker, worker_env, guarantee
 ):
@@ -692,4 +679,56 @@ def test_a_record_that_cannot_be_dead_lettered_stops_the_worker_unacknowledged(
         f"dead letter refused, then taken, {guarantee}",
         duplicates_allowed=guarantee == "at_least_once",
         drain_s=round(drained, 1),
+    )
+
+
+def wait_dead_lettered(env: dict, message: Sent, timeout: float = 120.0) -> list:
+    deadline = time.monotonic() + timeout
+    while not (letters := dead_letters_of(env, message)):
+        assert time.monotonic() < deadline, f"{message.message_id} was not dead-lettered"
+        time.sleep(1.0)
+    return letters
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+def test_a_message_in_flight_when_the_worker_stops_is_read_again(
+    start_worker, worker_env, guarantee
+):
+    """A message still being answered when a refused dead letter stops the worker is not
+    committed past, though later messages on its partition were answered: the next worker
+    reads it again (``faust_fixes`` fix 8: Faust tracks unfinished messages in a WeakSet, and
+    forgot the stop's cancelled one once it was garbage)."""
+    hanging = {**STANDIN, "MARVIN_PROCESSING_GUARANTEE": guarantee, "MARVIN_MODEL_TIMEOUT": "600"}
+    env = {**worker_env, **hanging}
+    create_dead_letter_topic(env, TINY_TOPIC)
+    worker = start_worker(**hanging)
+    partitions = int(STANDIN["MARVIN_PARTITIONS"])
+    [hung_cid, *fast_cids] = cids_on_partition(1, 4, partitions)
+    hung = Sent(hung_cid, str(uuid.uuid4()), wire_value(hung_cid, "wait [hang]"), valid=False)
+    fast = [human_message(cid, "answered while the first one hangs") for cid in fast_cids]
+    send(env, [hung, *fast])
+    wait_answered(env, fast)
+    [bad_cid] = cids_on_partition(0, 1, partitions)
+    bad = bad_record_of(bad_cid, SMALL_RECORD)
+    send(env, [bad])
+
+    worker.process.wait(timeout=120)
+    assert worker.process.returncode != 0, worker.tail()
+    assert "DeadLetterFailed: could not dead-letter" in worker.log_text()
+    partition, offset = place_of(env, hung)
+    committed = committed_offsets(env)
+    print(f"\n[in flight at the stop] hung at {partition}@{offset}, committed {committed}")
+    assert committed.get(partition, 0) <= offset, committed
+
+    # The next worker gives up on the hung message at once: dead-lettered, not lost.
+    set_dead_letter_topic_limit(env, SMALL_TOPIC)
+    start_worker(data_dir=worker.data_dir, **{**hanging, "MARVIN_MODEL_TIMEOUT": "1"})
+    [letter] = wait_dead_lettered(env, hung)
+    assert dict(letter.headers)["dead-letter-reason"].decode().startswith("model failed")
+    wait_dead_lettered(env, bad)
+    check(
+        env,
+        [hung, *fast, bad],
+        f"in flight at a stop, {guarantee}",
+        duplicates_allowed=guarantee == "at_least_once",
     )

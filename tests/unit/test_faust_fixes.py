@@ -8,6 +8,7 @@ tests/e2e/test_client_families.py.
 from __future__ import annotations
 
 import asyncio
+import gc
 import weakref
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -345,45 +346,67 @@ class Delivered:
 
 
 class Acknowledgements:
-    """Faust's consumer as fix 8 sees it: its own ``_new_offset`` over real bookkeeping."""
+    """Faust's consumer as fix 8 sees it: its own offset computation over real bookkeeping,
+    its WeakSet of unacknowledged messages, and a stream that adds to ``unacked``."""
 
     _new_offset = BaseConsumer._new_offset
+    _should_commit = BaseConsumer._should_commit
+    _filter_committable_offsets = BaseConsumer._filter_committable_offsets
 
-    def __init__(self, committed: int, transport: SimpleNamespace = ALL_FIXES_ON) -> None:
+    def __init__(
+        self,
+        committed: int | None,
+        transport: SimpleNamespace = ALL_FIXES_ON,
+        in_transaction: bool = False,
+    ) -> None:
         self.transport = transport
+        self.in_transaction = in_transaction
         self._committed_offset = defaultdict(lambda: committed)
         self._acked: defaultdict[TP, list[int]] = defaultdict(list)
         self._acked_index: defaultdict[TP, set[int]] = defaultdict(set)
         self._gap: defaultdict[TP, IntervalTree] = defaultdict(IntervalTree)
-        self._unacked_messages: set = set()
+        self._unacked_messages: weakref.WeakSet = weakref.WeakSet()
+        self.revoked: list[set[TP]] = []
+
+    @property
+    def unacked(self) -> weakref.WeakSet:
+        return self._unacked_messages
 
     def deliver(self, offset: int) -> Delivered:
+        """Hand a message to the agent, as Faust's stream does."""
         message = Delivered(PARTITION, offset)
-        self._unacked_messages.add(message)
+        self.unacked.add(message)
         return message
 
     def commit(self) -> int | None:
         """The offset a commit now would commit, remembered as committed (as Faust does)."""
-        offset = self._new_offset(PARTITION)
+        offset = self._filter_committable_offsets([PARTITION]).get(PARTITION)
         if offset is not None:
             self._committed_offset[PARTITION] = offset
         return offset
 
-    def ack(self, message: Delivered) -> None:
+    def ack(self, message: Delivered) -> bool:
         message.acked = True
         self._unacked_messages.discard(message)
         self._acked[PARTITION].append(message.offset)
         self._acked_index[PARTITION].add(message.offset)
+        return True
+
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        self.revoked.append(revoked)
 
 
 class NewOffsets(faust_fixes.CommitsBelowUnfinishedEvents, Acknowledgements):
     pass
 
 
+def fix_8_transport(fix_8: str) -> SimpleNamespace:
+    return SimpleNamespace(disabled=frozenset() if fix_8 == "on" else {8})
+
+
 @pytest.mark.parametrize("fix_8", ["on", "off"])
 def test_no_commit_passes_an_event_still_being_answered(fix_8):
-    transport = SimpleNamespace(disabled=frozenset() if fix_8 == "on" else {8})
-    consumer = NewOffsets(committed=11, transport=transport)
+    consumer = NewOffsets(committed=11, transport=fix_8_transport(fix_8))
     slow, fast, faster = consumer.deliver(11), consumer.deliver(12), consumer.deliver(13)
     consumer.ack(fast)
     consumer.ack(faster)
@@ -407,6 +430,56 @@ def test_commits_go_up_to_the_first_unfinished_event():
     assert consumer.commit() == 13
     consumer.ack(unfinished)
     assert consumer.commit() == 15
+
+
+@pytest.mark.parametrize("fix_8", ["on", "off"])
+@pytest.mark.parametrize("committed", [None, 11])
+def test_an_event_a_stop_cancelled_still_holds_the_commits(fix_8, committed):
+    """A stop cancels the events in flight; once garbage, they leave Faust's WeakSet."""
+    consumer = NewOffsets(committed=committed, transport=fix_8_transport(fix_8))
+    cancelled = consumer.deliver(11)
+    for offset in (12, 13):
+        consumer.ack(consumer.deliver(offset))
+    del cancelled
+    gc.collect()
+    if fix_8 == "off":
+        assert not consumer._unacked_messages  # garbage, so forgotten
+        assert consumer.commit() == 14  # past the cancelled event: lost
+        return
+    assert consumer.commit() is None  # stays below the cancelled event
+
+
+@pytest.mark.parametrize("in_transaction", [True, False])
+def test_answers_behind_an_unfinished_event_commit_their_transaction_at_it(in_transaction):
+    """Under exactly_once the answers acknowledged behind a long generation are in the
+    partition's open transaction: it commits, at the unfinished event's offset."""
+    consumer = NewOffsets(committed=11, in_transaction=in_transaction)
+    slow = consumer.deliver(11)
+    consumer.ack(consumer.deliver(12))
+    assert consumer.commit() == (11 if in_transaction else None)
+    assert consumer.commit() is None  # nothing new to commit
+    consumer.ack(consumer.deliver(13))
+    assert consumer.commit() == (11 if in_transaction else None)
+    consumer.ack(slow)
+    assert consumer.commit() == 14
+
+
+def test_a_never_committed_partition_held_by_an_unfinished_event_commits_at_it():
+    consumer = NewOffsets(committed=None, in_transaction=True)
+    consumer.deliver(0)
+    consumer.ack(consumer.deliver(1))
+    assert consumer.commit() == 0
+
+
+def test_a_revoked_partitions_unfinished_events_are_forgotten_after_the_revocation():
+    consumer = NewOffsets(committed=11)
+    consumer.deliver(11)
+    other = TP("chat", 1)
+    consumer.unacked.add(Delivered(other, 5))
+    asyncio.run(consumer.on_partitions_revoked({PARTITION}))
+    assert consumer.revoked == [{PARTITION}]  # Faust's revocation (its commit) came first
+    assert consumer._held.first_unfinished(PARTITION, None) is None
+    assert consumer._held.first_unfinished(other, None) == 5
 
 
 CHANGELOG = TP("app-conversation-history-changelog", 0)
