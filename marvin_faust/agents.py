@@ -266,6 +266,7 @@ class Answerer:
             newest = last_activity(past)
             if newest is None:
                 self.lifecycle.deleted(partition, cid)
+                self.backend.forget(cid)
                 return Outcome.ABSENT
             expired = forget.reason is ForgetReason.EXPIRED
             if expired and newest != forget.idle_since:
@@ -275,6 +276,7 @@ class Answerer:
             async with self.barrier.writes_of_one_event():
                 del self.history[cid]
             self.lifecycle.deleted(partition, cid)
+            self.backend.forget(cid)  # its KV cache too
             if expired:  # the sweep logs how many
                 self.metrics.conversations_expired.inc()
                 return Outcome.EXPIRED

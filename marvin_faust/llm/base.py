@@ -99,6 +99,9 @@ class ChatBackend(ABC):
         """Free the model (blocking). The worker leaves it to the process's exit: closing
         while the agent still awaits a reply would fail that reply and dead-letter it."""
 
+    def forget(self, conversation_id: str) -> None:  # noqa: B027 - optional hook
+        """Drop what the model keeps of a deleted conversation (its KV cache); never blocks."""
+
     @abstractmethod
     def count_tokens(self, text: str) -> int:
         """Tokens in ``text`` by the model's own tokenizer."""

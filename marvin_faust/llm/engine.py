@@ -179,7 +179,8 @@ class BatchedEngine:
         self._n_batch = n_batch
         self._slots = [_Slot(seq) for seq in range(n_parallel)]
         self._queue: deque[_Request] = deque()
-        self._lock = threading.Condition()  # guards _queue, _closed and _thread
+        self._lock = threading.Condition()  # guards _queue, _forgotten, _closed and _thread
+        self._forgotten: set[str] = set()  # sessions whose cache the decode thread drops
         self._closed = False
         self._thread: threading.Thread | None = None
         self._ticks = itertools.count(1)  # orders admissions and slot use
@@ -275,6 +276,15 @@ class BatchedEngine:
             future.set_exception(error)
         return future
 
+    def forget_session(self, session: str) -> None:
+        """Drop what the KV cache holds of ``session`` (a deleted conversation); thread-safe,
+        never blocks. The decode thread frees its cells before its next step, or when a
+        completion of that session still running ends. llama.cpp frees cells for reuse
+        without zeroing them."""
+        with self._lock:
+            self._forgotten.add(session)
+            self._lock.notify()
+
     def _check_prompt(self, prompt: Sequence[int]) -> EngineError | None:
         if not prompt:
             return EngineError("empty prompt")
@@ -292,6 +302,7 @@ class BatchedEngine:
     def _run(self) -> None:
         while self._wait_for_work():
             try:
+                self._drop_forgotten()
                 self._drop_cancelled()
                 self._admit()
                 if self._running():
@@ -301,7 +312,7 @@ class BatchedEngine:
 
     def _wait_for_work(self) -> bool:
         with self._lock:
-            while not (self._closed or self._queue or self._running()):
+            while not (self._closed or self._queue or self._running() or self._forgotten):
                 self._lock.wait()
             return not self._closed
 
@@ -314,6 +325,18 @@ class BatchedEngine:
             for request in taken:
                 self._queue.remove(request)
         return taken
+
+    def _drop_forgotten(self) -> None:
+        with self._lock:
+            forgotten, self._forgotten = self._forgotten, set()
+        for slot in self._slots:
+            if slot.session is None or slot.session not in forgotten:
+                continue
+            if slot.job is None:
+                self._clear(slot)
+            else:  # after its completion: the loop comes back here when it ends
+                with self._lock:
+                    self._forgotten.add(slot.session)
 
     def _drop_cancelled(self) -> None:
         for slot in self._running():

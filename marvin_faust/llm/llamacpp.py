@@ -414,6 +414,10 @@ class LlamaCppBackend(ChatBackend):
         if self._engine is not None:
             self._engine.close()
 
+    def forget(self, conversation_id: str) -> None:
+        if self._engine is not None:
+            self._engine.forget_session(conversation_id)
+
     @property
     def engine(self) -> BatchedEngine:
         if self._engine is None:

@@ -38,7 +38,11 @@ class StandInBackend(ChatBackend):
         super().__init__(parallel)
         self.latency = latency
         self.calls = 0
+        self.forgotten: list[str] = []  # conversation ids, in the order forgotten
         self._counting = threading.Lock()
+
+    def forget(self, conversation_id: str) -> None:
+        self.forgotten.append(conversation_id)
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())

@@ -416,6 +416,7 @@ async def test_a_forget_record_deletes_the_history_and_a_new_message_starts_afre
     event = await agent.put(value, key=b"f1", headers=headers)
     assert agent.results[event.message.offset] == agents.Outcome.FORGOTTEN
     assert "f1" not in agent.history
+    assert agent.answerer.backend.forgotten[-1] == "f1"  # its KV cache too
     assert lifecycle.index.last_activity(0, "f1") is None
     assert agent.replies()[1:] == [] and agent.dead_letters() == []
     # idempotent: nothing left to delete
@@ -435,11 +436,13 @@ async def test_an_expiry_deletes_only_if_the_newest_turn_is_the_one_the_sweep_sa
     event = await agent.put(value, key=b"f2", headers=headers)
     assert agent.results[event.message.offset] == agents.Outcome.KEPT
     assert len(agent.history["f2"]) == 4
+    assert "f2" not in agent.answerer.backend.forgotten
     newest = agent.history["f2"][-1]["timestamp"]
     value, headers = forget_record("f2", reason=ForgetReason.EXPIRED, idle_since=newest)
     event = await agent.put(value, key=b"f2", headers=headers)
     assert agent.results[event.message.offset] == agents.Outcome.EXPIRED
     assert "f2" not in agent.history
+    assert agent.answerer.backend.forgotten[-1] == "f2"
 
 
 @pytest.mark.parametrize(

@@ -144,6 +144,23 @@ def test_next_turn_reuses_the_session_cache(new_engine: Callable[..., BatchedEng
     assert fresh.text.strip()
 
 
+def test_a_forgotten_session_keeps_nothing_in_the_cache(
+    new_engine: Callable[..., BatchedEngine],
+) -> None:
+    """A deleted conversation's next turn finds nothing of it cached; another's is kept."""
+    engine = new_engine()
+    first = prompt(engine, chat("Tell me a story about a robot."))
+    for session in ("gone", "kept"):
+        engine.submit(first, GREEDY, session=session).result()
+    engine.forget_session("gone")
+    engine.forget_session("never seen")
+    again = first + engine.tokenize(chat("And then?"), add_bos=False, special=False)
+    forgotten = engine.submit(again, GREEDY, session="gone").result()
+    kept = engine.submit(again, GREEDY, session="kept").result()
+    assert forgotten.reused_tokens == 0
+    assert kept.reused_tokens >= len(first)
+
+
 def test_a_reused_prompt_gives_the_reply_of_a_fresh_one(
     new_engine: Callable[..., BatchedEngine],
 ) -> None:
