@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from ..models import CONTROL_HEADER, MESSAGE_ID_HEADER
 from .verifier import Sent
 
 if TYPE_CHECKING:
@@ -28,6 +29,13 @@ if TYPE_CHECKING:
 FAMILIES = ("aiokafka", "librdkafka")
 # The worker setting that routes views as each family places keys.
 PARTITIONER_OF = {"aiokafka": "murmur2", "librdkafka": "crc32"}
+
+
+def headers_of(message: Sent) -> list[tuple[str, bytes]]:
+    headers = [(MESSAGE_ID_HEADER, message.message_id.encode())]
+    if message.control is not None:
+        headers.append((CONTROL_HEADER, message.control.encode()))
+    return headers
 
 
 class ChatProducer:
@@ -67,7 +75,7 @@ class ChatProducer:
                     self.topic,
                     key=m.cid.encode(),
                     value=m.value,
-                    headers=[("uuid", m.message_id.encode())],
+                    headers=headers_of(m),
                 )
                 for m in messages
             ]
@@ -88,7 +96,7 @@ class ChatProducer:
                 self.topic,
                 key=m.cid.encode(),
                 value=m.value,
-                headers=[("uuid", m.message_id.encode())],
+                headers=headers_of(m),
                 on_delivery=lambda e, r, mid=m.message_id: delivered(e, r, mid),
             )
             self._librdkafka.poll(0)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer
 
+from ..models import FORGET, make_forget
 from .kafka import changelog_topic, wire_value
 
 
@@ -26,7 +27,8 @@ class Sent:
     cid: str
     message_id: str
     value: bytes | None
-    valid: bool
+    valid: bool  # a human message the worker must answer; else it must dead-letter it
+    control: str | None = None  # the marvin-control header: neither answered nor dead-lettered
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Report:
     bad_not_dead_lettered: list[str] = field(default_factory=list)
     valid_dead_lettered: list[str] = field(default_factory=list)
     history_mismatches: list[str] = field(default_factory=list)
+    forgets: int = 0
 
     @property
     def ok(self) -> bool:
@@ -60,7 +63,9 @@ class Report:
 
     def summary(self) -> str:
         return (
-            f"sent {self.sent_valid} valid + {self.sent_bad} bad; replies {self.answered}; "
+            f"sent {self.sent_valid} valid + {self.sent_bad} bad"
+            + (f" + {self.forgets} forgets" if self.forgets else "")
+            + f"; replies {self.answered}; "
             f"duplicates {self.duplicates}; lost {len(self.lost)}; "
             f"dead-lettered {self.dead_lettered} (bad twice {self.bad_dead_lettered_twice}, "
             f"bad missing {len(self.bad_not_dead_lettered)}, "
@@ -71,6 +76,11 @@ class Report:
 
 def human_message(cid: str, text: str) -> Sent:
     return Sent(cid, str(uuid.uuid4()), wire_value(cid, text), valid=True)
+
+
+def forget_message(cid: str) -> Sent:
+    """A forget record for ``cid``: the history after it is the fold of what follows it."""
+    return Sent(cid, str(uuid.uuid4()), make_forget(cid).to_bytes(), valid=False, control=FORGET)
 
 
 def conversation_messages(conversations: int, per_conversation: int) -> list[Sent]:
@@ -127,7 +137,8 @@ async def verify(
     """Check the promise for ``sent`` (in send order); ``duplicated`` ids were sent twice."""
     report = Report(
         sent_valid=len({s.message_id for s in sent if s.valid}),
-        sent_bad=sum(not s.valid for s in sent),
+        sent_bad=sum(not s.valid and s.control is None for s in sent),
+        forgets=sum(s.control == FORGET for s in sent),
     )
     replies = await replies_by_message(bootstrap, env["MARVIN_TOPIC"])
     letters = await read_all(bootstrap, env["MARVIN_DEAD_LETTER_TOPIC"])
@@ -135,7 +146,7 @@ async def verify(
     report.dead_lettered = len(letters)
     seen: set[str] = set()
     for s in sent:
-        if s.message_id in seen:
+        if s.message_id in seen or s.control is not None:
             continue
         seen.add(s.message_id)
         if s.valid:
@@ -159,7 +170,9 @@ async def verify(
     for cid in {s.cid for s in sent if s.valid}:
         expected = []
         for s in sent:
-            if s.cid == cid and s.valid and s.message_id not in {e[2] for e in expected}:
+            if s.cid == cid and s.control == FORGET:
+                expected = []
+            elif s.cid == cid and s.valid and s.message_id not in {e[2] for e in expected}:
                 # A message answered twice (at_least_once) is stored with the later reply.
                 [*_, reply] = replies.get(s.message_id) or [None]
                 if reply is not None:

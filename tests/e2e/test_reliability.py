@@ -33,6 +33,7 @@ from marvin_faust.testing.traffic import ChatProducer
 from marvin_faust.testing.verifier import (
     Sent,
     conversation_messages,
+    forget_message,
     human_message,
     read_all,
     replies_by_message,
@@ -144,6 +145,31 @@ def test_kill_minus_nine_during_a_run(start_worker, worker_env, family, guarante
         duplicates_allowed=guarantee == "at_least_once",
         restarts=len(resume_times),
         resume_max_s=round(max(resume_times), 1),
+        drain_s=round(drained, 1),
+    )
+
+
+def test_forgets_among_the_traffic_over_kill_minus_nine(start_worker, worker_env):
+    """Forget records between a conversation's messages, with a kill -9 after each batch:
+    every message is answered once, and each stored history is exactly what came after the
+    conversation's last forget (a forget redone after a crash deletes nothing it should not)."""
+    env = {**worker_env, **STANDIN}
+    messages = conversation_messages(12, 4)
+    rng = random.Random(5)
+    forgotten = rng.sample(sorted({m.cid for m in messages}), 6)
+    for cid in [*forgotten, forgotten[0]]:  # the first one twice
+        turns = [i for i, m in enumerate(messages) if m.cid == cid and m.valid]
+        # Before the conversation's last message: its reply shows the forget was applied.
+        messages.insert(rng.choice(turns[1:]), forget_message(cid))
+    resume_times = restarts_during_a_run(
+        start_worker, env, messages, lambda w: w.kill(), lambda: rng.uniform(0.2, 2.0)
+    )
+    drained = wait_answered(env, messages)
+    check(
+        env,
+        messages,
+        "forgets among the traffic, kill -9 x10",
+        restarts=len(resume_times),
         drain_s=round(drained, 1),
     )
 
