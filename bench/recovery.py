@@ -38,12 +38,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from marvin_faust.conversation import Turn, make_turn
-from marvin_faust.testing.kafka import changelog_topic, one_conversation_per_partition
+from marvin_faust.testing.kafka import (
+    changelog_topic,
+    one_conversation_per_partition,
+    read_to_end,
+)
 from marvin_faust.testing.web import counter
 
 from .driver import Driver
@@ -232,34 +236,17 @@ class Records:
 async def changelog_records(bootstrap: str, topic: str) -> Records:
     """What a recovering worker reads on ``topic`` now (read_committed, to its end), but the
     bench's own segment rolls."""
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-        isolation_level="read_committed",
-    )
-    await consumer.start()
     values = tombstones = value_bytes = 0
     latest: dict[bytes, bool] = {}
-    try:
-        while not (partitions := sorted(consumer.assignment())):
-            await asyncio.sleep(0.1)
-        ends = await consumer.end_offsets(partitions)
-        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                for record in records:
-                    if record.key == ROLL_KEY:
-                        continue  # the bench's own, in no conversation
-                    if record.value is None:
-                        tombstones += 1
-                    else:
-                        values += 1
-                        value_bytes += len(record.value)
-                    latest[record.key] = record.value is not None
-    finally:
-        await consumer.stop()
+    async for record in read_to_end(bootstrap, topic, timeout=600):
+        if record.key == ROLL_KEY:
+            continue  # the bench's own, in no conversation
+        if record.value is None:
+            tombstones += 1
+        else:
+            values += 1
+            value_bytes += len(record.value)
+        latest[record.key] = record.value is not None
     return Records(values, tombstones, value_bytes, sum(latest.values()))
 
 

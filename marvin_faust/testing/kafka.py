@@ -12,6 +12,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -221,8 +222,9 @@ async def topic_config(bootstrap: str, topic: str) -> dict[str, str]:
     return {entry[0]: entry[1] for entry in resource[4]}
 
 
-async def latest_values(bootstrap: str, topic: str, timeout: float = 60.0) -> dict[bytes, Any]:
-    """Each key's latest committed value on ``topic`` (None: a tombstone), read to the end."""
+async def read_to_end(bootstrap: str, topic: str, timeout: float = 60.0) -> AsyncIterator[Any]:
+    """Every committed record of ``topic`` (``read_committed``, every partition), in order per
+    partition, up to the ends it has when the read starts; fails after ``timeout`` s."""
     consumer = AIOKafkaConsumer(
         topic,  # with no group: every partition
         bootstrap_servers=bootstrap,
@@ -232,7 +234,6 @@ async def latest_values(bootstrap: str, topic: str, timeout: float = 60.0) -> di
         isolation_level="read_committed",
     )
     await consumer.start()
-    latest: dict[bytes, Any] = {}
     try:
         deadline = time.monotonic() + timeout
         while not (partitions := sorted(consumer.assignment())):
@@ -245,10 +246,14 @@ async def latest_values(bootstrap: str, topic: str, timeout: float = 60.0) -> di
                 raise AssertionError(f"{topic} not read to its end in {timeout}s")
             for messages in (await consumer.getmany(timeout_ms=200)).values():
                 for record in messages:
-                    latest[record.key] = record.value
+                    yield record
     finally:
         await consumer.stop()
-    return latest
+
+
+async def latest_values(bootstrap: str, topic: str, timeout: float = 60.0) -> dict[bytes, Any]:
+    """Each key's latest committed value on ``topic`` (None: a tombstone), read to the end."""
+    return {record.key: record.value async for record in read_to_end(bootstrap, topic, timeout)}
 
 
 async def write_histories(bootstrap: str, topic: str, histories: dict[str, list]) -> None:
