@@ -733,7 +733,8 @@ def test_a_message_in_flight_when_the_worker_stops_is_read_again(
     hung = Sent(hung_cid, str(uuid.uuid4()), wire_value(hung_cid, "wait [hang]"), valid=False)
     fast = [human_message(cid, "answered while the first one hangs") for cid in fast_cids]
     send(env, [hung, *fast])
-    wait_answered(env, fast)
+    # Visible while the hung one is in flight: under exactly_once their transaction commits.
+    visible = wait_answered(env, fast)
     [bad_cid] = cids_on_partition(0, 1, partitions)
     bad = bad_record_of(bad_cid, SMALL_RECORD)
     send(env, [bad])
@@ -743,7 +744,10 @@ def test_a_message_in_flight_when_the_worker_stops_is_read_again(
     assert "DeadLetterFailed: could not dead-letter" in worker.log_text()
     partition, offset = place_of(env, hung)
     committed = committed_offsets(env)
-    print(f"\n[in flight at the stop] hung at {partition}@{offset}, committed {committed}")
+    print(
+        f"\n[in flight at the stop] replies behind the hung one visible in {visible:.1f}s; "
+        f"hung at {partition}@{offset}, committed {committed}"
+    )
     assert committed.get(partition, 0) <= offset, committed
 
     # The next worker gives up on the hung message at once: dead-lettered, not lost.
