@@ -188,10 +188,13 @@ class ChatClient:
         """Ask for a conversation's history to be deleted: a forget record on every partition
         of the chat topic, so that whichever partitioner its front ends used, each part of it
         is deleted, in order with its messages there. Returns once Kafka has every record."""
+        await self.send_forgets(await self.forget_records(conversation_id))
+
+    async def forget_records(self, conversation_id: str) -> list[tuple[Forget, int, str]]:
+        """The forget records of a conversation, ``(record, partition, uuid header)``, one
+        for each partition of the chat topic."""
         forget = make_forget(conversation_id)
-        await self.send_forgets(
-            [(forget, partition, new_message_id()) for partition in await self.chat_partitions()]
-        )
+        return [(forget, partition, new_message_id()) for partition in await self.chat_partitions()]
 
     async def send_forgets(self, forgets: Sequence[tuple[Forget, int, str]]) -> None:
         """Send forget records, ``(record, partition, uuid header)``, all at once; returns

@@ -23,6 +23,8 @@ OMITTED_HEADER = "dead-letter-omitted"
 
 # In a reduced dead letter, the longest key, header and reason kept.
 REDUCED_FIELD_BYTES = 1024
+# The headers a dead letter gets: any the record already had are replaced.
+OWN_HEADERS = (REASON_HEADER, SOURCE_HEADER, OMITTED_HEADER)
 
 Headers = list[tuple[str, bytes]]
 
@@ -42,7 +44,7 @@ def dead_letter(
     source: str,
 ) -> DeadLetter:
     """The original record with the reason and source headers (replacing any it had)."""
-    kept = [(k, v) for k, v in headers if k not in (REASON_HEADER, SOURCE_HEADER, OMITTED_HEADER)]
+    kept = [(k, v) for k, v in headers if k not in OWN_HEADERS]
     return DeadLetter(
         key, value, [*kept, (REASON_HEADER, reason.encode()), (SOURCE_HEADER, source.encode())]
     )
@@ -65,7 +67,7 @@ def reduced_dead_letter(
         key = None
     kept: Headers = []
     for name, data in headers:
-        if name in (REASON_HEADER, SOURCE_HEADER, OMITTED_HEADER):
+        if name in OWN_HEADERS:
             continue
         if len(name.encode()) + len(data or b"") > REDUCED_FIELD_BYTES:
             omitted.append(f"header {name[:64]!r} ({len(data or b'')} bytes)")

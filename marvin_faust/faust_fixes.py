@@ -444,9 +444,7 @@ class CommitsBelowUnfinishedEvents:
             if tp in offsets or newest is None or self._held.committed_behind.get(tp) == newest:
                 continue
             committed = self._committed_offset[tp]
-            held = self._held.first_unfinished(tp, committed)
-            if committed is not None:
-                held = committed
+            held = committed if committed is not None else self._held.first_unfinished(tp, None)
             if held is not None:
                 offsets[tp] = held
                 self._held.committed_behind[tp] = newest

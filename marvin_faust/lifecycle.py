@@ -97,11 +97,7 @@ class Lifecycle(Service):
         those on the partitions it owns. Returns whether it did in time."""
         if self._client is None:
             raise ChatClientError("the worker is not started")
-        forget = make_forget(conversation_id)
-        planned = [
-            (forget, partition, new_message_id())
-            for partition in await self._client.chat_partitions()
-        ]
+        planned = await self._client.forget_records(conversation_id)
         owned = self._owned_partitions()
         loop = asyncio.get_running_loop()
         # Waited for before they are sent: the agent can apply one before the send returns.
