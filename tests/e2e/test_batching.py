@@ -10,6 +10,7 @@ import uuid
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from marvin_faust.models import Forget, make_forget
 from marvin_faust.testing.kafka import bootstrap_of, consume, produce, replies_for, run, wire_value
 
 pytestmark = [pytest.mark.kafka, pytest.mark.model]
@@ -96,3 +97,20 @@ def test_a_conversations_next_turn_reuses_its_kv_cache(start_worker, worker_env)
     # The persona and the first exchange came from the cache, only the rest was evaluated.
     assert reused > 0 and evaluated > 0, (before, after)
     assert reused > evaluated, (reused, evaluated)
+
+
+def test_a_forgotten_conversation_leaves_nothing_in_the_kv_cache(start_worker, worker_env):
+    """After a forget record, the conversation's next turn reuses nothing: without the forget
+    it would reuse at least the persona from its slot (the test above)."""
+    env = {**worker_env, **REAL_MODEL}
+    worker = start_worker(**env)
+    cid = str(uuid.uuid4())
+    send_and_wait(env, [(cid, "Hello Marvin, who are you?")])
+    before = prompt_tokens(worker.url)
+    # Keyed like the messages, so on their partition and applied in order before the next.
+    forget = (cid.encode(), make_forget(cid).to_bytes(), Forget.headers(str(uuid.uuid4())))
+    run(produce(bootstrap_of(env), env["MARVIN_TOPIC"], [forget]))
+    send_and_wait(env, [(cid, "And what do you do all day?")], replies=2)
+    after = prompt_tokens(worker.url)
+    assert after["reused"] == before["reused"], (before, after)
+    assert after["evaluated"] > before["evaluated"], (before, after)
