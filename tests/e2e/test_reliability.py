@@ -149,11 +149,18 @@ def test_kill_minus_nine_during_a_run(start_worker, worker_env, family, guarante
     )
 
 
-def test_forgets_among_the_traffic_over_kill_minus_nine(start_worker, worker_env):
+@pytest.mark.parametrize(
+    ("family", "guarantee"), [("aiokafka", "exactly_once"), ("librdkafka", "at_least_once")]
+)
+def test_forgets_among_the_traffic_over_kill_minus_nine(
+    start_worker, worker_env, family, guarantee
+):
     """Forget records between a conversation's messages, with a kill -9 after each batch:
-    every message is answered once, and each stored history is exactly what came after the
-    conversation's last forget (a forget redone after a crash deletes nothing it should not)."""
-    env = {**worker_env, **STANDIN}
+    every message is answered (once, under exactly_once), and each stored history is exactly
+    what came after the conversation's last forget (a forget redone after a crash deletes
+    nothing it should not)."""
+    settings = {**STANDIN, "MARVIN_PROCESSING_GUARANTEE": guarantee}
+    env = {**worker_env, **settings}
     messages = conversation_messages(12, 4)
     rng = random.Random(5)
     forgotten = rng.sample(sorted({m.cid for m in messages}), 6)
@@ -162,13 +169,20 @@ def test_forgets_among_the_traffic_over_kill_minus_nine(start_worker, worker_env
         # Before the conversation's last message: its reply shows the forget was applied.
         messages.insert(rng.choice(turns[1:]), forget_message(cid))
     resume_times = restarts_during_a_run(
-        start_worker, env, messages, lambda w: w.kill(), lambda: rng.uniform(0.2, 2.0)
+        start_worker,
+        env,
+        messages,
+        lambda w: w.kill(),
+        lambda: rng.uniform(0.2, 2.0),
+        family,
+        settings,
     )
     drained = wait_answered(env, messages)
     check(
         env,
         messages,
-        "forgets among the traffic, kill -9 x10",
+        f"forgets among the traffic, kill -9 x10, {family} producer, {guarantee}",
+        duplicates_allowed=guarantee == "at_least_once",
         restarts=len(resume_times),
         drain_s=round(drained, 1),
     )
